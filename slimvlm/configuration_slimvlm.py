@@ -1,0 +1,255 @@
+"""Compression config schema and the Slim<Family>Config classes.
+
+Shipped with checkpoints: imports only torch/transformers and flat siblings.
+
+`config.compression` is a plain dict (so it is plain JSON in config.json). It is normalised and
+validated whenever it is assigned, including by `from_pretrained(..., compression=...)`, which sets it
+after the config is built. Invalid values raise `ValueError`/`TypeError` naming the field, the value
+and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from transformers import LlavaConfig
+
+
+METHODS = ("none", "visionzip", "sparsevlm", "voco")
+
+# SparseVLM budget tables (specs/sparsevlm.md §4): preset -> budgets at the prune steps.
+SPARSEVLM_LAYERS = (2, 6, 15)
+SPARSEVLM_BUDGETS = {
+    "1.5": {192: (300, 200, 110), 128: (303, 110, 36), 96: (238, 48, 26), 64: (66, 30, 17)},
+    "2.0": {192: (300, 200, 118), 128: (238, 108, 60), 96: (246, 54, 28), 64: (66, 34, 20)},
+}
+SPARSEVLM_VERSIONS = tuple(SPARSEVLM_BUDGETS)
+SPARSEVLM_PRIORITY_HEADS = 14
+
+# Mapping of the LLaVA-1.5 weight names used by most published checkpoints to the in-memory layout.
+LEGACY_LLAVA_RENAMES = {
+    r"^language_model.lm_head": "lm_head",
+    r"^language_model.model": "model.language_model",
+    r"^vision_tower": "model.vision_tower",
+    r"^multi_modal_projector": "model.multi_modal_projector",
+}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _require_int(method: str, field: str, value: Any, minimum: int = 1) -> int:
+    if not _is_int(value):
+        raise TypeError(
+            f"compression[{field!r}] for method {method!r} must be an integer >= {minimum}, "
+            f"got {value!r} ({type(value).__name__})"
+        )
+    if value < minimum:
+        raise ValueError(f"compression[{field!r}] for method {method!r} must be >= {minimum}, got {value}")
+    return value
+
+
+def _check_keys(compression: dict, method: str, allowed: set[str]) -> None:
+    unknown = sorted(set(compression) - allowed - {"method"})
+    if unknown:
+        raise ValueError(
+            f"compression has unknown key(s) {unknown} for method {method!r}; allowed: {sorted(allowed)}"
+        )
+
+
+def split_visionzip_tokens(total: int) -> tuple[int, int]:
+    """The paper's dominant/contextual split for a total of K tokens per view: d = floor(27K/32 + 1/2).
+
+    Reproduces every official split: 64 -> 54/10, 128 -> 108/20, 192 -> 162/30, 32 -> 27/5, 17 -> 14/3.
+    """
+    dominant = math.floor(27 * total / 32 + 0.5)
+    return dominant, total - dominant
+
+
+def _normalize_visionzip(compression: dict, tokens_per_view: int | None) -> dict:
+    _check_keys(compression, "visionzip", {"dominant", "contextual", "tokens"})
+    if "tokens" in compression:
+        if "dominant" in compression or "contextual" in compression:
+            raise ValueError(
+                "compression for method 'visionzip' takes either 'tokens' or 'dominant' + 'contextual', not both; "
+                f"got {compression}"
+            )
+        total = _require_int("visionzip", "tokens", compression["tokens"], minimum=2)
+        dominant, contextual = split_visionzip_tokens(total)
+    else:
+        missing = [key for key in ("dominant", "contextual") if key not in compression]
+        if missing:
+            raise ValueError(
+                f"compression for method 'visionzip' is missing {missing}; give 'dominant' and 'contextual' "
+                f"(e.g. 54 and 10) or 'tokens' (e.g. 64); got {compression}"
+            )
+        dominant, contextual = compression["dominant"], compression["contextual"]
+    dominant = _require_int("visionzip", "dominant", dominant, minimum=1)
+    contextual = _require_int("visionzip", "contextual", contextual, minimum=1)
+    if tokens_per_view is not None and dominant + contextual > tokens_per_view:
+        raise ValueError(
+            f"compression dominant + contextual = {dominant} + {contextual} = {dominant + contextual} exceeds the "
+            f"{tokens_per_view} tokens (CLS + patches) a view of this vision tower has"
+        )
+    return {"method": "visionzip", "dominant": dominant, "contextual": contextual}
+
+
+def _normalize_sparsevlm(compression: dict, num_layers: int | None) -> dict:
+    allowed = {"version", "retained_tokens", "layers", "budgets", "budget_fractions", "num_priority_heads", "seed"}
+    _check_keys(compression, "sparsevlm", allowed)
+    version = str(compression.get("version", "1.5"))
+    if version not in SPARSEVLM_VERSIONS:
+        raise ValueError(f"compression['version'] for 'sparsevlm' must be one of {SPARSEVLM_VERSIONS}, got {version!r}")
+    out: dict[str, Any] = {"method": "sparsevlm", "version": version}
+    layers = compression.get("layers")
+    budgets = compression.get("budgets")
+    fractions = compression.get("budget_fractions")
+    preset = compression.get("retained_tokens")
+    given = [name for name, value in (("retained_tokens", preset), ("budgets", budgets), ("budget_fractions", fractions)) if value is not None]
+    if len(given) != 1:
+        raise ValueError(
+            "compression for 'sparsevlm' needs exactly one of 'retained_tokens' (a preset: "
+            f"{sorted(SPARSEVLM_BUDGETS[version])}), 'budgets' or 'budget_fractions'; got {given or 'none'}"
+        )
+    if preset is not None:
+        preset = _require_int("sparsevlm", "retained_tokens", preset)
+        if preset not in SPARSEVLM_BUDGETS[version]:
+            raise ValueError(
+                f"compression['retained_tokens'] = {preset} is not a SparseVLM v{version} preset; "
+                f"allowed: {sorted(SPARSEVLM_BUDGETS[version])} (or give explicit 'layers' + 'budgets')"
+            )
+        out["retained_tokens"] = preset
+    layers = SPARSEVLM_LAYERS if layers is None else layers
+    if not isinstance(layers, (list, tuple)) or not layers or not all(_is_int(x) for x in layers):
+        raise TypeError(f"compression['layers'] for 'sparsevlm' must be a non-empty list of integers, got {layers!r}")
+    if any(x < 0 for x in layers) or any(b <= a for a, b in zip(layers, layers[1:])):
+        raise ValueError(f"compression['layers'] for 'sparsevlm' must be >= 0 and strictly increasing, got {list(layers)}")
+    if num_layers is not None and layers[-1] >= num_layers:
+        raise ValueError(
+            f"compression['layers'] = {list(layers)} has a prune layer beyond the language model's depth "
+            f"({num_layers} layers: allowed 0..{num_layers - 1})"
+        )
+    out["layers"] = list(layers)
+    steps = len(layers)
+    if preset is not None and steps != len(SPARSEVLM_BUDGETS[version][preset]):
+        raise ValueError(
+            f"compression['layers'] has {steps} prune layers but preset {preset} has "
+            f"{len(SPARSEVLM_BUDGETS[version][preset])} budgets; give explicit 'budgets' for other schedules"
+        )
+    if budgets is not None:
+        if not isinstance(budgets, (list, tuple)) or not all(_is_int(b) for b in budgets):
+            raise TypeError(f"compression['budgets'] for 'sparsevlm' must be a list of integers, got {budgets!r}")
+        if len(budgets) != steps:
+            raise ValueError(f"compression['budgets'] has {len(budgets)} entries for {steps} prune layers {list(layers)}")
+        if any(b <= 0 for b in budgets):
+            raise ValueError(f"compression['budgets'] must all be > 0, got {list(budgets)}")
+        if any(b2 > b1 for b1, b2 in zip(budgets, budgets[1:])):
+            raise ValueError(f"compression['budgets'] must not increase from one prune layer to the next, got {list(budgets)}")
+        out["budgets"] = list(budgets)
+    if fractions is not None:
+        if not isinstance(fractions, (list, tuple)) or not all(isinstance(f, (int, float)) and not isinstance(f, bool) for f in fractions):
+            raise TypeError(f"compression['budget_fractions'] for 'sparsevlm' must be a list of numbers, got {fractions!r}")
+        if len(fractions) != steps:
+            raise ValueError(f"compression['budget_fractions'] has {len(fractions)} entries for {steps} prune layers")
+        if any(not 0 < f <= 1 for f in fractions):
+            raise ValueError(f"compression['budget_fractions'] must lie in (0, 1], got {list(fractions)}")
+        if any(f2 > f1 for f1, f2 in zip(fractions, fractions[1:])):
+            raise ValueError(f"compression['budget_fractions'] must not increase, got {list(fractions)}")
+        out["budget_fractions"] = [float(f) for f in fractions]
+    heads = compression.get("num_priority_heads", SPARSEVLM_PRIORITY_HEADS)
+    out["num_priority_heads"] = _require_int("sparsevlm", "num_priority_heads", heads)
+    out["seed"] = _require_int("sparsevlm", "seed", compression.get("seed", 0), minimum=0)
+    return out
+
+
+def _normalize_voco(compression: dict) -> dict:
+    _check_keys(compression, "voco", {"num_voco_tokens"})
+    count = _require_int("voco", "num_voco_tokens", compression.get("num_voco_tokens", 1))
+    return {"method": "voco", "num_voco_tokens": count}
+
+
+def normalize_compression(
+    compression: dict | None, tokens_per_view: int | None = None, num_text_layers: int | None = None
+) -> dict:
+    """Validate a compression dict and return its canonical form (a new dict).
+
+    Args:
+        compression: e.g. `{"method": "visionzip", "dominant": 54, "contextual": 10}`; `None` means no compression.
+        tokens_per_view: CLS + patches of one vision-tower view, to bound VisionZip's `dominant + contextual`.
+        num_text_layers: language-model depth, to bound SparseVLM's prune layers.
+    """
+    if compression is None:
+        return {"method": "none"}
+    if not isinstance(compression, dict):
+        raise TypeError(f"compression must be a dict such as {{'method': 'none'}}, got {type(compression).__name__}: {compression!r}")
+    method = compression.get("method")
+    if method not in METHODS:
+        raise ValueError(f"compression['method'] must be one of {list(METHODS)}, got {method!r}")
+    if method == "none":
+        _check_keys(compression, "none", set())
+        return {"method": "none"}
+    if method == "visionzip":
+        return _normalize_visionzip(compression, tokens_per_view)
+    if method == "sparsevlm":
+        return _normalize_sparsevlm(compression, num_text_layers)
+    return _normalize_voco(compression)
+
+
+def vision_tokens_per_view(vision_config) -> int | None:
+    """CLS + patches of one view of a ViT tower config (None when the config does not say)."""
+    image_size = getattr(vision_config, "image_size", None)
+    patch_size = getattr(vision_config, "patch_size", None)
+    if not image_size or not patch_size:
+        return None
+    return (image_size // patch_size) ** 2 + 1
+
+
+def image_token_count(compression: dict, uncompressed_count: int) -> int:
+    """Visual tokens one view becomes in the language model under `compression`.
+
+    Shared by the processor (placeholders it writes) and the model (features it scatters), so the two
+    can never disagree. `uncompressed_count` is the stock count (e.g. 576 for LLaVA-1.5). SparseVLM prunes
+    inside the LLM, so its placeholders stay at the full count; VoCo keeps the image tokens in the
+    sequence (its `<voco>` tokens come after them).
+    """
+    if compression["method"] == "visionzip":
+        return compression["dominant"] + compression["contextual"]
+    return uncompressed_count
+
+
+class SlimCompressionMixin:
+    """Validates `compression` on every assignment (constructor, from_pretrained kwargs, set_compression)."""
+
+    def _compression_bounds(self) -> tuple[int | None, int | None]:
+        vision_config = self.__dict__.get("vision_config")
+        text_config = self.__dict__.get("text_config")
+        tokens = vision_tokens_per_view(vision_config) if vision_config is not None and not isinstance(vision_config, dict) else None
+        layers = getattr(text_config, "num_hidden_layers", None) if text_config is not None and not isinstance(text_config, dict) else None
+        return tokens, layers
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "compression":
+            value = normalize_compression(value, *self._compression_bounds())
+        super().__setattr__(name, value)
+
+
+class SlimLlavaConfig(SlimCompressionMixin, LlavaConfig):
+    """`LlavaConfig` plus `compression`; a stock LLaVA-1.5 config.json loads into it unchanged.
+
+    Example:
+        >>> config = SlimLlavaConfig.from_pretrained("llava-hf/llava-1.5-7b-hf",
+        ...     compression={"method": "visionzip", "dominant": 54, "contextual": 10})
+    """
+
+    model_type = "slim_llava"
+    compression: dict | None = None
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        # A stock config.json carries model_type "llava"; the class attribute must win so that a saved
+        # checkpoint maps back to this class through AutoConfig.
+        self.__dict__.pop("model_type", None)
+        # Re-validate now that the sub-configs exist (the bounds depend on them).
+        self.compression = self.compression

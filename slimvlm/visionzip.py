@@ -1,0 +1,152 @@
+"""VisionZip (Yang et al., CVPR 2025): dominant + contextual visual tokens, before the projector.
+
+Pure tensor code; knows nothing about LLaVA. Shipped with checkpoints (imports torch only).
+Follows specs/visionzip.md: score = CLS attention row of encoder layer L-2 summed over heads;
+keep CLS + the (d-1) best patches; merge the rest into c contextual tokens by key similarity.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class VisionZipSelection:
+    """What VisionZip kept for a batch of views.
+
+    tokens: [B, d + c, C] — CLS, dominant patches (ascending position), contextual tokens (target order).
+    dominant_indices: [B, d] — token indices in the official order: 0 (CLS), then patches by descending score.
+    target_indices: [B, c] — token indices of the contextual merge targets (ascending).
+    """
+
+    tokens: torch.Tensor
+    dominant_indices: torch.Tensor
+    target_indices: torch.Tensor
+
+
+def cls_attention_and_keys(layer: nn.Module, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLS attention row and head-averaged keys of one CLIP encoder layer, without its attention map.
+
+    Calls the layer's own `layer_norm1`, `q_proj` and `k_proj`, so it works on any attention backend and
+    with quantised weights; only the CLS query row is computed (O(H·N), not O(H·N²)).
+
+    Args:
+        layer: a CLIP-style encoder layer (`layer_norm1`, `self_attn.{q_proj,k_proj,num_heads,head_dim,scale}`).
+        hidden_states: [B, N, C] input of that layer, CLS at index 0.
+    Returns:
+        scores: [B, N - 1] CLS attention to each patch, summed over heads (softmax over all N keys).
+        mean_keys: [B, N, Dh] keys averaged over heads (with bias, before scaling).
+    """
+    attention = layer.self_attn
+    batch, length, _ = hidden_states.shape
+    heads, head_dim = attention.num_heads, attention.head_dim
+    normed = layer.layer_norm1(hidden_states)
+    query = attention.q_proj(normed[:, :1]).view(batch, 1, heads, head_dim).transpose(1, 2)  # [B, H, 1, Dh]
+    keys = attention.k_proj(normed).view(batch, length, heads, head_dim).transpose(1, 2)  # [B, H, N, Dh]
+    logits = torch.matmul(query, keys.transpose(2, 3)) * attention.scale  # [B, H, 1, N]
+    # Same numerics as transformers' eager attention: softmax in fp32, then back to the compute dtype.
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
+    scores = probs.sum(dim=1)[:, 0, 1:]
+    return scores, keys.mean(dim=1)
+
+
+def visionzip_select(
+    features: torch.Tensor, scores: torch.Tensor, keys: torch.Tensor, dominant: int, contextual: int
+) -> VisionZipSelection:
+    """Steps 1–3 of specs/visionzip.md §3 for a batch of independent views.
+
+    Args:
+        features: [B, N, C] output of the scoring layer (CLS at 0).
+        scores: [B, N - 1] patch scores (CLS attention, heads summed).
+        keys: [B, N, Dh] head-averaged keys of the scoring layer.
+        dominant: d, dominant tokens including CLS (>= 1).
+        contextual: c, merged tokens (>= 1); d + c <= N.
+    """
+    batch, length, width = features.shape
+    if not 1 <= dominant or not 1 <= contextual or dominant + contextual > length:
+        raise ValueError(
+            f"VisionZip needs dominant >= 1, contextual >= 1 and dominant + contextual <= {length} tokens per view; "
+            f"got dominant={dominant}, contextual={contextual}"
+        )
+    device = features.device
+    top = torch.topk(scores, dominant - 1, dim=1).indices + 1  # torch.topk order, as the official op
+    dominant_indices = torch.cat([torch.zeros(batch, 1, dtype=top.dtype, device=device), top], dim=1)
+
+    is_dominant = torch.zeros(batch, length, dtype=torch.bool, device=device)
+    is_dominant.scatter_(1, dominant_indices, True)
+    # A stable sort of the flags lists the kept positions after the others, each group in ascending order:
+    # no host sync, no ragged nonzero().
+    order = torch.argsort(is_dominant.to(torch.int8), dim=1, stable=True)
+    remaining = length - dominant
+    rest_positions, dominant_positions = order[:, :remaining], order[:, remaining:]  # R, D (both ascending)
+
+    def gather(source: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return source.gather(1, index.unsqueeze(-1).expand(-1, -1, source.shape[-1]))
+
+    dominant_tokens = gather(features, dominant_positions)
+
+    # Targets are a stride over the ORDER of R (not over the 2-D grid); the rest merge into them.
+    step = max(1, remaining // contextual)
+    target_ranks = torch.arange(0, remaining, step, device=device)[:contextual]
+    is_target = torch.zeros(remaining, dtype=torch.bool, device=device)
+    is_target[target_ranks] = True
+    merge_ranks = torch.nonzero(~is_target).squeeze(1)
+
+    rest_keys = gather(keys, rest_positions)
+    rest_keys = rest_keys / rest_keys.norm(dim=-1, keepdim=True)  # plain division, as the official code
+    rest_features = gather(features, rest_positions)
+    target_keys, merge_keys = rest_keys[:, target_ranks], rest_keys[:, merge_ranks]
+    target_features, merge_features = rest_features[:, target_ranks], rest_features[:, merge_ranks]
+
+    assignment = torch.bmm(merge_keys, target_keys.transpose(1, 2)).argmax(dim=2)  # first maximum wins ties
+    # One-hot counts and a batched matmul in the feature dtype, as the official merge (equal to gather/index_add
+    # up to rounding); a target nobody joins stays as it is.
+    one_hot = torch.zeros(batch, merge_ranks.numel(), contextual, dtype=features.dtype, device=device)
+    one_hot.scatter_(2, assignment.unsqueeze(-1), 1)
+    counts = one_hot.sum(dim=1).clamp(min=1).unsqueeze(-1)  # [B, c, 1]
+    contextual_tokens = target_features + torch.bmm(one_hot.transpose(1, 2), merge_features) / counts
+
+    tokens = torch.cat([dominant_tokens, contextual_tokens], dim=1).to(features.dtype)
+    return VisionZipSelection(tokens, dominant_indices, rest_positions[:, target_ranks])
+
+
+def resolve_feature_layer(vision_feature_layer, num_layers: int) -> int:
+    """0-based encoder layer whose output is `hidden_states[vision_feature_layer]` (-2 -> layer L-2)."""
+    if isinstance(vision_feature_layer, (list, tuple)):
+        raise ValueError(
+            f"VisionZip needs a single vision_feature_layer, got the list {list(vision_feature_layer)}; "
+            "multi-layer feature concatenation has no single CLS attention row to score with"
+        )
+    if num_layers < 2:
+        raise ValueError(f"VisionZip needs a vision encoder with at least 2 layers, this one has {num_layers}")
+    index = vision_feature_layer % (num_layers + 1)
+    if index == 0:
+        raise ValueError(
+            f"vision_feature_layer={vision_feature_layer} selects the embeddings, which have no attention to score with"
+        )
+    return index - 1
+
+
+def encode_with_visionzip(
+    vision_tower: nn.Module, pixel_values: torch.Tensor, feature_layer: int, dominant: int, contextual: int
+) -> VisionZipSelection:
+    """Run a CLIP vision tower up to `feature_layer` (0-based) and apply VisionZip to its output.
+
+    The tower's own embeddings, pre-layernorm and encoder layers run on their configured attention
+    backend; layers after `feature_layer` are skipped (their output is never used).
+    """
+    embeddings = getattr(vision_tower, "embeddings", None)
+    if getattr(embeddings, "class_embedding", None) is None:
+        raise ValueError(
+            f"VisionZip scores patches by CLS attention, but the vision tower {type(vision_tower).__name__} "
+            "has no CLS token at index 0 (e.g. SigLIP); use a CLIP-style tower or another method"
+        )
+    hidden_states = vision_tower.pre_layrnorm(embeddings(pixel_values))
+    for index, layer in enumerate(vision_tower.encoder.layers[: feature_layer + 1]):
+        if index == feature_layer:
+            scores, keys = cls_attention_and_keys(layer, hidden_states)
+        hidden_states = layer(hidden_states, None)
+    return visionzip_select(hidden_states, scores, keys, dominant, contextual)

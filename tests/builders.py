@@ -1,0 +1,127 @@
+"""Tiny, offline building blocks for tests: a word-level tokenizer, tiny LLaVA configs and checkpoints.
+
+Nothing here touches the network; every model is random and built from a config.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
+
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<image>", "<voco>"]
+WORDS = (
+    "USER ASSISTANT : ? . , what is the color shape of a an in on at left right top bottom how many are there "
+    "red green blue yellow circle square triangle one two three four yes no describe image picture this"
+).split()
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    """Word-level tokenizer: ids 0-5 are <pad> <s> </s> <unk> <image> <voco>, then WORDS and '\\n'."""
+    vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS + WORDS + ["\n"])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split("\n", behavior="isolated"), pre_tokenizers.WhitespaceSplit()]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", "<voco>"]})
+    return tokenizer
+
+
+IMAGE_TOKEN_ID = SPECIAL_TOKENS.index("<image>")
+PAD_TOKEN_ID = SPECIAL_TOKENS.index("<pad>")
+
+
+def tiny_llava_config(
+    vision_layers: int = 4,
+    image_size: int = 48,
+    patch_size: int = 2,
+    vision_hidden: int = 32,
+    text_layers: int = 2,
+    text_hidden: int = 32,
+    heads: int = 4,
+    kv_heads: int = 2,
+    vocab_size: int | None = None,
+    **llava_kwargs,
+) -> LlavaConfig:
+    """A tiny LLaVA-1.5-shaped config: (image_size / patch_size)^2 patches (24x24 = 576 by default)."""
+    vision = CLIPVisionConfig(
+        image_size=image_size,
+        patch_size=patch_size,
+        hidden_size=vision_hidden,
+        intermediate_size=2 * vision_hidden,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=4,
+    )
+    text = LlamaConfig(
+        vocab_size=vocab_size or len(SPECIAL_TOKENS) + len(WORDS) + 1,
+        hidden_size=text_hidden,
+        intermediate_size=2 * text_hidden,
+        num_hidden_layers=text_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        pad_token_id=PAD_TOKEN_ID,
+        bos_token_id=1,
+        eos_token_id=2,
+        max_position_embeddings=4096,
+    )
+    return LlavaConfig(
+        vision_config=vision.to_dict(),
+        text_config=text.to_dict(),
+        image_token_index=IMAGE_TOKEN_ID,
+        **llava_kwargs,
+    )
+
+
+def tiny_stock_model(seed: int = 0, **config_kwargs) -> LlavaForConditionalGeneration:
+    torch.manual_seed(seed)
+    return LlavaForConditionalGeneration(tiny_llava_config(**config_kwargs)).eval()
+
+
+def make_processor(image_size: int = 48, patch_size: int = 2) -> LlavaProcessor:
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        do_convert_rgb=True,
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=make_tokenizer(),
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+
+
+def save_stock_checkpoint(folder: Path, seed: int = 0, **config_kwargs) -> Path:
+    """Write a stock llava-hf style checkpoint (model + processor) to `folder`."""
+    model = tiny_stock_model(seed, **config_kwargs)
+    model.save_pretrained(folder)
+    make_processor(model.config.vision_config.image_size, model.config.vision_config.patch_size).save_pretrained(folder)
+    return Path(folder)
+
+
+def random_images(count: int, size: int = 48, seed: int = 0):
+    """PIL images of random colour noise."""
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(seed)
+    arrays = (torch.rand(count, size, size, 3, generator=generator) * 255).to(torch.uint8).numpy()
+    return [Image.fromarray(array) for array in arrays]
