@@ -1,0 +1,167 @@
+"""Accuracy retention vs visual-token budget on the bundled shapes VQA model (held-out questions).
+
+Methods: VisionZip and SparseVLM (the library's), and two baselines any reviewer asks for, applied to
+the same vision features before the projector: random token dropping and average pooling to the same
+count. VoCo-LLaMA needs its own trained model; its result is merged from benchmarks/results/voco_demo.json
+when that file exists.
+
+    python benchmarks/bench_retention.py [--questions 300] [--out benchmarks/results]
+
+Writes retention.json and retention.png. Offline; random dropping is seeded per question.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from slimvlm import SlimLlavaForConditionalGeneration, SlimLlavaProcessor  # noqa: E402
+from slimvlm.cli import BUNDLED_MODEL, sparsevlm_setting  # noqa: E402
+from slimvlm.demo import shapes  # noqa: E402
+
+BUDGETS = (576, 192, 128, 64, 32, 16)
+SPARSEVLM_PRESETS = (192, 128, 96, 64)
+
+
+def pooled_grid(tokens: int) -> tuple[int, int]:
+    """(rows, cols) with rows * cols == tokens, as square as possible (64 -> 8x8, 128 -> 16x8)."""
+    rows = max(r for r in range(1, int(math.isqrt(tokens)) + 1) if tokens % r == 0)
+    return tokens // rows, rows
+
+
+def reduce_patches(patches: torch.Tensor, tokens: int, mode: str, generator: torch.Generator) -> torch.Tensor:
+    """Baselines on [B, P, C] patch features: keep `tokens` random patches (raster order) or average-pool the grid."""
+    batch, count, width = patches.shape
+    if tokens >= count:
+        return patches
+    if mode == "random":
+        keep = torch.stack([torch.randperm(count, generator=generator)[:tokens].sort().values for _ in range(batch)])
+        return patches.gather(1, keep.unsqueeze(-1).expand(-1, -1, width))
+    side = math.isqrt(count)
+    grid = patches.transpose(1, 2).reshape(batch, width, side, side)
+    return F.adaptive_avg_pool2d(grid, pooled_grid(tokens)).flatten(2).transpose(1, 2)
+
+
+@torch.inference_mode()
+def baseline_answers(model, processor, samples, tokens: int, mode: str, batch_size: int, seed: int) -> list[str]:
+    """Greedy answers with the stock layer -2 patch features reduced by a baseline, fed as inputs_embeds."""
+    generator = torch.Generator().manual_seed(seed)
+    # The processor writes `tokens` placeholders per image (any VisionZip split with d + c = tokens does).
+    processor.set_compression({"method": "visionzip", "dominant": tokens - 1, "contextual": 1} if tokens < 576 else {"method": "none"})
+    language = model.model
+    answers = []
+    for start in range(0, len(samples), batch_size):
+        batch = samples[start:start + batch_size]
+        inputs = processor(text=[shapes.build_prompt(s.question) for s in batch], images=[s.image for s in batch],
+                           padding=True, return_tensors="pt")
+        hidden = language.vision_tower(inputs["pixel_values"], output_hidden_states=True).hidden_states[model.config.vision_feature_layer]
+        features = language.multi_modal_projector(reduce_patches(hidden[:, 1:], tokens, mode, generator))
+        embeds = language.get_input_embeddings()(inputs["input_ids"])
+        mask = (inputs["input_ids"] == model.config.image_token_id).unsqueeze(-1)
+        embeds = embeds.masked_scatter(mask, features.to(embeds.dtype))
+        out = model.generate(inputs_embeds=embeds, attention_mask=inputs["attention_mask"], max_new_tokens=3, do_sample=False)
+        answers += [shapes.normalize_answer(t) for t in processor.tokenizer.batch_decode(out, skip_special_tokens=True)]
+    return answers
+
+
+def accuracy(answers: list[str], samples) -> float:
+    return sum(a == s.answer for a, s in zip(answers, samples)) / len(samples)
+
+
+def run(args) -> dict:
+    from tqdm import tqdm
+
+    torch.manual_seed(0)
+    model = SlimLlavaForConditionalGeneration.from_pretrained(args.model).eval()
+    processor = SlimLlavaProcessor.from_pretrained(args.model)
+    processor.tokenizer.padding_side = "left"
+    samples = shapes.make_samples("heldout", args.questions, seed=args.seed, per_image=1)
+    depth = model.config.text_config.num_hidden_layers
+
+    jobs = [("none", 576, {"method": "none"})]
+    jobs += [("visionzip", k, {"method": "visionzip", "tokens": k}) for k in BUDGETS if k < 576]
+    jobs += [("sparsevlm", k, sparsevlm_setting(depth, k)) for k in SPARSEVLM_PRESETS]
+    jobs += [(mode, k, None) for mode in ("random", "avgpool") for k in BUDGETS if k < 576]
+
+    rows = []
+    for method, tokens, compression in tqdm(jobs, desc="settings"):
+        start = time.perf_counter()
+        if compression is None:
+            model.set_compression({"method": "none"})
+            answers = baseline_answers(model, processor, samples, tokens, method, args.batch_size, args.seed)
+            score = accuracy(answers, samples)
+        else:
+            model.set_compression(compression)
+            processor.set_compression(model.config.compression)
+            score = shapes.evaluate(model, processor, samples, batch_size=args.batch_size)
+        row = {"method": method, "tokens": tokens, "accuracy": score, "compression": compression, "seconds": round(time.perf_counter() - start, 1)}
+        stats = getattr(model, "sparsevlm_stats", None)
+        if method == "sparsevlm" and stats is not None:
+            row["note"] = "tokens = preset; equal-tokens of the last batch: " + str(getattr(stats, "equal_tokens", stats))
+        rows.append(row)
+        tqdm.write(f"{method:>9} {tokens:>4}: {score:.3f}")
+
+    dense = rows[0]["accuracy"]
+    for row in rows:
+        row["retention"] = row["accuracy"] / dense if dense else None
+    voco = ROOT / "benchmarks" / "results" / "voco_demo.json"
+    result = {
+        "model": str(args.model),
+        "questions": len(samples),
+        "seed": args.seed,
+        "text_layers": depth,
+        "rows": rows,
+        "voco": json.loads(voco.read_text()) if voco.exists() else None,
+    }
+    return result
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    dense = result["rows"][0]["accuracy"]
+    for method, style in (("visionzip", "o-"), ("sparsevlm", "s-"), ("random", "x--"), ("avgpool", "d--")):
+        points = sorted((r["tokens"], r["accuracy"]) for r in result["rows"] if r["method"] == method)
+        if points:
+            ax.plot(*zip(*points), style, label=method)
+    ax.axhline(dense, color="gray", linestyle=":", label=f"uncompressed (576): {dense:.2f}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("visual tokens per image")
+    ax.set_ylabel("held-out accuracy")
+    ax.set_title(f"Bundled shapes VQA model, {result['questions']} held-out questions")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(BUNDLED_MODEL))
+    parser.add_argument("--questions", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=25)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = run(args)
+    (args.out / "retention.json").write_text(json.dumps(result, indent=2))
+    plot(result, args.out / "retention.png")
+    print(f"wrote {args.out / 'retention.json'} and retention.png")
+
+
+if __name__ == "__main__":
+    main()

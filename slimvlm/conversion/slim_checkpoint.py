@@ -1,0 +1,56 @@
+"""Stock LLaVA-1.5 checkpoint -> slim checkpoint: safetensors in the current layout, remote code, processor, card.
+
+The output appears whole or not at all: everything is written to a temporary folder beside it and moved
+into place at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from ..hub_cards import write_model_card
+
+
+def convert_to_slim(
+    source: str | os.PathLike,
+    output: str | os.PathLike,
+    compression: dict | None,
+    base_model: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Load `source` (hub id or folder, current or legacy llava-hf layout) with `compression` and save a slim checkpoint.
+
+    Raises:
+        FileExistsError: `output` exists and `overwrite` is False.
+        ValueError: `compression` is invalid, or a weight of the model was not found in `source`.
+    """
+    from .. import SlimLlavaForConditionalGeneration, SlimLlavaProcessor
+
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise FileExistsError(f"output folder {output} already exists; choose another or pass overwrite=True")
+    model, info = SlimLlavaForConditionalGeneration.from_pretrained(source, compression=compression, output_loading_info=True)
+    if info["missing_keys"] or info["mismatched_keys"]:
+        raise ValueError(
+            f"{source} does not provide every weight of SlimLlavaForConditionalGeneration: "
+            f"missing {sorted(info['missing_keys'])[:10]}, mismatched {sorted(info['mismatched_keys'])[:10]}"
+        )
+    processor = SlimLlavaProcessor.from_pretrained(source, compression=model.config.compression)
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        write_model_card(staging, base_model=base_model or str(source), compression=model.config.compression,
+                         tokens_per_image=model.image_token_count())
+        if output.exists():
+            shutil.rmtree(output)
+        os.replace(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output
