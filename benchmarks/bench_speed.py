@@ -176,11 +176,14 @@ def run_dtype(model, dtype: torch.dtype, args, progress) -> list[dict]:
             progress.update(1)
             continue
         outputs = result.pop("outputs")
+        text = inputs["input_ids"].shape[1] - visual
         schedule = None
-        stats = getattr(model, "sparsevlm_stats", None) or getattr(outputs, "sparsevlm_stats", None)
-        if method == "sparsevlm" and stats is not None:
-            schedule = [int(n) for n in getattr(stats, "layer_lengths", [])] or None
-        flops = prefill_flops(config, model.config.compression, visual, inputs["input_ids"].shape[1] - visual, schedule)
+        if method == "sparsevlm":
+            # Sequence length each decoder layer ran on: text + the visual tokens it processed.
+            report = model.sparsevlm_report
+            schedule = [text + count for count in report.processed_counts[0]]
+            result["equal_tokens"] = report.equal_tokens[0]
+        flops = prefill_flops(config, model.config.compression, visual, text, schedule)
         row = {"dtype": str(dtype).split(".")[-1], "method": method, "tokens": tokens, "visual_tokens_in": visual,
                "compression": model.config.compression, "prefill_flops": flops, **result}
         if method == "visionzip":

@@ -9,6 +9,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, Aut
 from .configuration_slimvlm import SlimLlavaConfig, normalize_compression, split_visionzip_tokens
 from .modeling_llava import DEFAULT_QUANTIZATION_SKIP_MODULES, SlimLlavaForConditionalGeneration, SlimLlavaModel
 from .processing_slimvlm import SlimLlavaProcessor
+from .voco import VoCoCache, VoCoDataCollator, add_voco_token, build_voco_prompt, build_voco_text_prompt, freeze_vision_tower
 
 __version__ = "0.1.0"
 
@@ -23,6 +24,12 @@ __all__ = [
     "SlimLlavaForConditionalGeneration",
     "SlimLlavaModel",
     "SlimLlavaProcessor",
+    "VoCoCache",
+    "VoCoDataCollator",
+    "add_voco_token",
+    "build_voco_prompt",
+    "build_voco_text_prompt",
+    "freeze_vision_tower",
     "normalize_compression",
     "split_visionzip_tokens",
 ]

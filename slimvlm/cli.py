@@ -58,30 +58,27 @@ def demo_settings(num_text_layers: int) -> list[tuple[str, dict]]:
 
 
 def sparsevlm_setting(num_text_layers: int, preset: int) -> dict:
-    """The v1.5 preset where the model is deep enough for layers (2, 6, 15); else the same schedule shape
-    squeezed into the model's depth, with the preset's budgets."""
+    """The v1.5 preset on a 32-layer language model (where its equal-token count is defined); on other depths the
+    same schedule with its prune layers scaled to the depth and the preset's budgets given explicitly."""
     from .configuration_slimvlm import SPARSEVLM_BUDGETS, SPARSEVLM_LAYERS
 
-    if num_text_layers > SPARSEVLM_LAYERS[-1]:
+    if num_text_layers == 32:
         return {"method": "sparsevlm", "version": "1.5", "retained_tokens": preset}
-    layers = sorted({max(1, round(layer * num_text_layers / 32)) for layer in SPARSEVLM_LAYERS})
-    layers = [min(layer, num_text_layers - 1) for layer in layers]
+    layers = []
+    for layer in SPARSEVLM_LAYERS:
+        scaled = min(max(1, round(layer * num_text_layers / 32)), num_text_layers - 1)
+        layers.append(max(scaled, layers[-1] + 1) if layers else scaled)
+    layers = [layer for layer in layers if layer < num_text_layers]
     budgets = list(SPARSEVLM_BUDGETS["1.5"][preset][: len(layers)])
     return {"method": "sparsevlm", "version": "1.5", "layers": layers, "budgets": budgets}
 
 
 def visual_tokens_kept(model, outputs) -> str:
     """What reached (or stayed in) the language model, as a short string."""
-    compression = model.config.compression
-    if compression["method"] == "sparsevlm":
-        stats = getattr(model, "sparsevlm_stats", None) or getattr(outputs, "sparsevlm_stats", None)
-        equal_tokens = getattr(stats, "equal_tokens", None) if stats is not None else None
-        if equal_tokens is None and isinstance(stats, dict):
-            equal_tokens = stats.get("equal_tokens")
-        if equal_tokens is not None:
-            value = equal_tokens if isinstance(equal_tokens, (int, float)) else float(torch.as_tensor(equal_tokens).float().mean())
-            return f"ET {value:.1f}"
-        return "pruned in LLM"
+    if model.config.compression["method"] == "sparsevlm":
+        # SparseVLM prunes inside the LLM: report its "equal tokens" (mean visual tokens over the layers).
+        equal_tokens = model.sparsevlm_report.equal_tokens
+        return f"ET {sum(equal_tokens) / len(equal_tokens):.1f}"
     return str(model.image_token_count())
 
 

@@ -26,6 +26,8 @@ SPARSEVLM_BUDGETS = {
 }
 SPARSEVLM_VERSIONS = tuple(SPARSEVLM_BUDGETS)
 SPARSEVLM_PRIORITY_HEADS = 14
+# The tables are for LLaVA-1.5's 576 visual tokens; other counts scale them (specs/sparsevlm.md §9).
+SPARSEVLM_REFERENCE_TOKENS = 576
 
 # Mapping of the LLaVA-1.5 weight names used by most published checkpoints to the in-memory layout.
 LEGACY_LLAVA_RENAMES = {
@@ -40,9 +42,13 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+class CompressionTypeError(TypeError, ValueError):
+    """A compression count that is not an integer: a TypeError, and a ValueError as specs/visionzip.md A1 asks."""
+
+
 def _require_int(method: str, field: str, value: Any, minimum: int = 1) -> int:
     if not _is_int(value):
-        raise TypeError(
+        raise CompressionTypeError(
             f"compression[{field!r}] for method {method!r} must be an integer >= {minimum}, "
             f"got {value!r} ({type(value).__name__})"
         )
@@ -133,11 +139,22 @@ def _normalize_sparsevlm(compression: dict, num_layers: int | None) -> dict:
         )
     out["layers"] = list(layers)
     steps = len(layers)
+    if preset is not None and num_layers is not None and preset * num_layers < layers[0] * SPARSEVLM_REFERENCE_TOKENS:
+        # Layers before the first prune keep all V tokens, so ET >= layers[0]·V/N_L (specs/sparsevlm.md §9).
+        raise ValueError(
+            f"compression['retained_tokens'] = {preset} is infeasible with prune layers {list(layers)} on a "
+            f"{num_layers}-layer language model: the {layers[0]} layer(s) before the first prune keep all "
+            f"{SPARSEVLM_REFERENCE_TOKENS} tokens, "
+            f"so the equal-token count is at least {layers[0] * SPARSEVLM_REFERENCE_TOKENS / num_layers:g}; "
+            "prune earlier or choose a larger preset"
+        )
     if preset is not None and steps != len(SPARSEVLM_BUDGETS[version][preset]):
         raise ValueError(
             f"compression['layers'] has {steps} prune layers but preset {preset} has "
             f"{len(SPARSEVLM_BUDGETS[version][preset])} budgets; give explicit 'budgets' for other schedules"
         )
+    # Explicit `budgets` are read like a preset row: budgets at V = 576, scaled for other visual counts
+    # (sparsevlm.scaled_budgets); `budget_fractions` are fractions of each sample's V.
     if budgets is not None:
         if not isinstance(budgets, (list, tuple)) or not all(_is_int(b) for b in budgets):
             raise TypeError(f"compression['budgets'] for 'sparsevlm' must be a list of integers, got {budgets!r}")
@@ -245,6 +262,8 @@ class SlimLlavaConfig(SlimCompressionMixin, LlavaConfig):
 
     model_type = "slim_llava"
     compression: dict | None = None
+    # Id of the `<voco>` token (VoCo-LLaMA); set by `slimvlm.voco.add_voco_token` or the conversion.
+    voco_token_id: int | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

@@ -10,6 +10,7 @@ from transformers.image_utils import get_image_size, to_numpy_array
 from transformers.processing_utils import MultiModalData
 
 from .configuration_slimvlm import image_token_count, normalize_compression
+from .voco import VOCO_CHAT_TEMPLATE, voco_group_text
 
 
 class SlimLlavaProcessor(LlavaProcessor):
@@ -45,8 +46,15 @@ class SlimLlavaProcessor(LlavaProcessor):
 
     def set_compression(self, compression: dict | None):
         """Switch compression (must match the model's); returns self."""
-        self.compression = normalize_compression(compression)
+        self.compression = normalize_compression(compression, self._tokens_per_view())
         return self
+
+    def _tokens_per_view(self) -> int | None:
+        """CLS + patches of one processed image, to bound VisionZip's dominant + contextual as the model does."""
+        crop_size = getattr(getattr(self, "image_processor", None), "crop_size", None)
+        if not crop_size or not self.patch_size or not crop_size.get("height") or not crop_size.get("width"):
+            return None
+        return (crop_size["height"] // self.patch_size) * (crop_size["width"] // self.patch_size) + 1
 
     def _tokens_per_image(self, height: int, width: int) -> int:
         # The stock LlavaProcessor count, then the compression's.
@@ -55,9 +63,21 @@ class SlimLlavaProcessor(LlavaProcessor):
             count -= 1
         return image_token_count(self.compression, count)
 
+    def apply_chat_template(self, conversation, chat_template: str | None = None, **kwargs):
+        """Under VoCo, default to the VoCo template (image first, then "\\n", system and turns; specs/voco.md §2):
+        llava-hf's template puts "USER: " before the image, which the cached VoCo path cannot reproduce."""
+        if chat_template is None and self.compression["method"] == "voco":
+            chat_template = VOCO_CHAT_TEMPLATE
+        return super().apply_chat_template(conversation, chat_template=chat_template, **kwargs)
+
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
         height, width = get_image_size(to_numpy_array(image_inputs["pixel_values"][image_idx]))
-        return self.image_token * self._tokens_per_image(height, width)
+        placeholders = self.image_token * self._tokens_per_image(height, width)
+        if self.compression["method"] == "voco":
+            # VoCo layout (specs/voco.md §2): image, "\n", K <voco>; write prompts with build_voco_prompt
+            # ("<image>\n" first) so the group is followed by the second "\n" and the text.
+            placeholders += voco_group_text(self.compression["num_voco_tokens"])
+        return placeholders
 
     def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs):
         if image_sizes is None:

@@ -122,6 +122,12 @@ def resolve_feature_layer(vision_feature_layer, num_layers: int) -> int:
         )
     if num_layers < 2:
         raise ValueError(f"VisionZip needs a vision encoder with at least 2 layers, this one has {num_layers}")
+    if not -(num_layers + 1) <= vision_feature_layer <= num_layers:
+        # hidden_states has num_layers + 1 entries; a modulo would silently pick some other layer.
+        raise ValueError(
+            f"vision_feature_layer={vision_feature_layer} is out of range for a vision encoder with {num_layers} layers "
+            f"(allowed {-(num_layers + 1)}..{num_layers}, as indices into its hidden_states)"
+        )
     index = vision_feature_layer % (num_layers + 1)
     if index == 0:
         raise ValueError(

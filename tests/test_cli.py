@@ -7,7 +7,7 @@ import torch
 
 from slimvlm import SlimLlavaForConditionalGeneration, SlimLlavaProcessor
 from slimvlm.cli import BUNDLED_MODEL, build_parser, main, sparsevlm_setting
-from slimvlm.configuration_slimvlm import normalize_compression
+from slimvlm.configuration_slimvlm import SPARSEVLM_BUDGETS, normalize_compression
 from slimvlm.conversion.slim_checkpoint import convert_to_slim
 from slimvlm.hub_cards import model_card, push_to_hub
 
@@ -86,8 +86,10 @@ def test_demo_sparsevlm_setting_is_valid_for_the_model_depth(depth):
     for preset in (192, 64):
         setting = normalize_compression(sparsevlm_setting(depth, preset), num_text_layers=depth)
         assert setting["layers"][-1] < depth
-        if depth > 15:
+        if depth == 32:
             assert setting["retained_tokens"] == preset and setting["layers"] == [2, 6, 15]
+        else:
+            assert setting["budgets"] == list(SPARSEVLM_BUDGETS["1.5"][preset][: len(setting["layers"])])
 
 
 @pytest.mark.skipif(not (BUNDLED_MODEL / "config.json").exists(), reason="bundled demo model not present")
