@@ -19,3 +19,13 @@ def _deterministic():
 def stock_checkpoint(tmp_path_factory) -> Path:
     """A tiny stock LLaVA-1.5 checkpoint (24x24 patches, 4 CLIP layers, 2 Llama layers) with its processor."""
     return save_stock_checkpoint(tmp_path_factory.mktemp("stock"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """The test models are tiny: one intra-op thread is fastest, and on two shared cores torch's
+    default thread pool oversubscribes them (spin-waiting made these tests ~10x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

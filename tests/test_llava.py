@@ -56,14 +56,6 @@ def write_legacy_copy(source, target, state_dict):
     return target
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Two shared cores: torch's thread pool oversubscribes them and makes these tiny models 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def stock(stock_checkpoint):

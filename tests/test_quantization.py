@@ -27,14 +27,6 @@ MODES = {
 FULL_PRECISION = ("model.vision_tower.", "model.multi_modal_projector.", "lm_head")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Two shared cores: torch's thread pool oversubscribes them and makes these tiny models 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def linear_types(model) -> dict[str, str]:
     return {

@@ -112,14 +112,6 @@ def run_isolated(tasks: list[dict], workdir: Path) -> dict:
     return json.loads(lines[-1][len("RESULT ") :])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Two shared cores: torch's thread pool oversubscribes them and makes these tiny models 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def saved(stock_checkpoint, tmp_path_factory):

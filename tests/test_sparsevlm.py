@@ -51,14 +51,6 @@ def build(compression, seed=0, attn="eager", layers=LAYERS, heads=8, kv_heads=2,
     return model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These models are tiny: one intra-op thread is fastest, and avoids spin-wait oversubscription on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def model():

@@ -18,14 +18,6 @@ from slimvlm import SlimLlavaConfig, SlimLlavaForConditionalGeneration, SlimLlav
 from slimvlm.visionzip import cls_attention_and_keys, visionzip_select
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Two shared cores: torch's thread pool oversubscribes them and makes these tiny models 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def slim_model(compression=None, seed=0, attn_implementation=None, **config_kwargs) -> SlimLlavaForConditionalGeneration:
     config = SlimLlavaConfig.from_dict(tiny_llava_config(**config_kwargs).to_dict(), compression=compression)
