@@ -144,11 +144,21 @@ def run_demo(args) -> int:
     return 0
 
 
+def default_prompt(model, question: str) -> str:
+    """LLaVA-1.5's prompt; a VoCo model gets the VoCo layout (image first, then system prompt and turn),
+    which its processor extends with the `<voco>` group."""
+    if model.config.compression.get("method") == "voco":
+        from .voco import build_voco_prompt
+
+        return build_voco_prompt(question)
+    return f"USER: <image>\n{question} ASSISTANT:"
+
+
 def run_generate(args) -> int:
     from PIL import Image
 
     model, processor = load(args.model, _compression(args.compression), dtype=getattr(torch, args.dtype))
-    prompt = args.prompt or f"USER: <image>\n{args.question} ASSISTANT:"
+    prompt = args.prompt or default_prompt(model, args.question)
     texts, seconds, outputs = answer(model, processor, [Image.open(args.image).convert("RGB")], [args.question], lambda q: prompt, args.max_new_tokens)
     print(texts[0])
     print(f"[visual tokens {visual_tokens_kept(model, outputs)}, prefill {seconds * 1e3:.1f} ms]", file=sys.stderr)
@@ -196,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--model", required=True)
     generate.add_argument("--image", required=True)
     generate.add_argument("--question", required=True)
-    generate.add_argument("--prompt", help="full prompt with <image> (default: LLaVA-1.5 'USER: <image>\\n{question} ASSISTANT:')")
+    generate.add_argument("--prompt", help="full prompt with <image> (default: LLaVA-1.5 'USER: <image>\\n{question} ASSISTANT:'; "
+                          "the VoCo layout of slimvlm.voco.build_voco_prompt for a VoCo model)")
     generate.add_argument("--compression", help='JSON, e.g. \'{"method": "visionzip", "tokens": 64}\'')
     generate.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     generate.add_argument("--max-new-tokens", type=int, default=32)

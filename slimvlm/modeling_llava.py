@@ -525,10 +525,15 @@ class SlimLlavaForConditionalGeneration(SlimGenerationMixin, LlavaForConditional
         output.sequences = output.sequences[:, count:]
         return output
 
-    def prepare_inputs_for_generation(self, input_ids, *args, **kwargs):
+    def prepare_inputs_for_generation(self, input_ids, *args, past_key_values=None, attention_mask=None,
+                                      inputs_embeds=None, **kwargs):
         """Stock inputs; under VoCo full-mask decoding also the VoCo bounds of the *full* rows, so the
-        VoCo positions never drift between steps (the official decode bugs, spec §11)."""
-        model_inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
+        VoCo positions never drift between steps (the official decode bugs, spec §11).
+
+        `inputs_embeds` is named in the signature: `generate()` inspects it to allow `inputs_embeds`."""
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids, *args, past_key_values=past_key_values, attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds, **kwargs)
         if (
             self.config.compression["method"] == "voco"
             and not isinstance(model_inputs.get("past_key_values"), VoCoDynamicCache)

@@ -22,9 +22,18 @@ def stock_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(autouse=True, scope="session")
+def _one_thread_session():
+    """One intra-op thread for module- and session-scoped fixtures too (see `_one_thread`)."""
+    torch.set_num_threads(1)
+    yield
+
+
+@pytest.fixture(autouse=True)
 def _one_thread():
     """The test models are tiny: one intra-op thread is fastest, and on two shared cores torch's
-    default thread pool oversubscribes them (spin-waiting made these tests ~10x slower)."""
+    default thread pool oversubscribes them (spin-waiting made these tests ~10x slower). Set per test,
+    so a module that uses more threads for a fixture cannot leak its setting (bitwise comparisons with
+    a one-thread subprocess depend on it)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

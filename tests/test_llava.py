@@ -293,6 +293,25 @@ def test_compressed_features_fill_the_placeholder_spans_in_order(stock_checkpoin
     slim.set_compression(NONE)
 
 
+def test_generate_from_inputs_embeds_equals_generate_from_ids(stock_checkpoint, slim):
+    """`generate(inputs_embeds=...)` works (transformers checks the signature of prepare_inputs_for_generation)
+    and, with the image features written into the embeddings, gives the tokens of the ids + pixels call."""
+    slim.set_compression(VISIONZIP)
+    processor = slim_processor(stock_checkpoint, VISIONZIP)
+    inputs = processor(images=random_images(2, seed=7), text=["USER: <image>\n what ? ASSISTANT:"] * 2,
+                       return_tensors="pt", padding=True)
+    with torch.no_grad():
+        features = slim.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
+        embeds = slim.model.get_input_embeddings()(inputs["input_ids"]).clone()
+        embeds[inputs["input_ids"] == IMAGE_TOKEN_ID] = torch.cat(list(features)).to(embeds.dtype)
+        settings = {"max_new_tokens": 5, "do_sample": False}
+        from_ids = slim.generate(**inputs, **settings)[:, inputs["input_ids"].shape[1]:]
+        from_embeds = slim.generate(inputs_embeds=embeds, attention_mask=inputs["attention_mask"], **settings)
+    slim.set_compression(NONE)
+    assert from_embeds.shape == (2, 5)
+    assert torch.equal(from_embeds, from_ids)
+
+
 def test_feature_select_strategy_is_ignored_under_visionzip(stock_checkpoint):
     default = SlimLlavaForConditionalGeneration.from_pretrained(stock_checkpoint, compression=VISIONZIP).eval()
     full = SlimLlavaForConditionalGeneration.from_pretrained(

@@ -111,14 +111,6 @@ def max_diff(rows_a, rows_b) -> float:
     return max(float((a.double() - b.double()).abs().max()) for a, b in zip(rows_a, rows_b))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run ~100x faster on one thread than on two oversubscribed shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def processor2():
@@ -741,3 +733,26 @@ def test_official_checkpoint_conversion():
                               reference(input_ids=ids, pixel_values=pixels).logits, atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="model.mm_projector.4.weight"):
         convert_official_state_dict({**official, "model.mm_projector.4.weight": torch.ones(1)})
+
+
+def test_cli_generate_uses_the_voco_prompt_layout(model2, processor2, tmp_path, capsys):
+    """`slimvlm generate` on a VoCo checkpoint builds the VoCo prompt (image first) and answers like
+    `model.generate` on that prompt; the LLaVA-1.5 prompt would put text before the image."""
+    from slimvlm.cli import default_prompt, main
+
+    model2.save_pretrained(tmp_path / "voco")
+    processor2.save_pretrained(tmp_path / "voco")
+    assert default_prompt(model2, "what is the color ?") == build_voco_prompt("what is the color ?")
+    image = random_images(1, IMAGE_SIZE, seed=3)[0]
+    image.save(tmp_path / "img.png")
+    assert main(["generate", "--model", str(tmp_path / "voco"), "--image", str(tmp_path / "img.png"),
+                 "--question", "what is the color ?", "--max-new-tokens", "4"]) == 0
+    printed = capsys.readouterr().out.strip()
+    from PIL import Image
+
+    inputs = processor2(text=[build_voco_prompt("what is the color ?")],
+                        images=[Image.open(tmp_path / "img.png").convert("RGB")], return_tensors="pt")
+    with torch.no_grad():
+        out = model2.generate(**inputs, max_new_tokens=4, do_sample=False)
+    expected = processor2.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    assert expected and printed == expected
