@@ -7,11 +7,10 @@ into place at the end.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from ..hub_cards import write_model_card
+from .atomic import atomic_folder, refuse_existing
 
 
 def convert_to_slim(
@@ -30,8 +29,7 @@ def convert_to_slim(
     from .. import SlimLlavaForConditionalGeneration, SlimLlavaProcessor
 
     output = Path(output)
-    if output.exists() and not overwrite:
-        raise FileExistsError(f"output folder {output} already exists; choose another or pass overwrite=True")
+    refuse_existing(output, overwrite)
     model, info = SlimLlavaForConditionalGeneration.from_pretrained(source, compression=compression, output_loading_info=True)
     if info["missing_keys"] or info["mismatched_keys"]:
         raise ValueError(
@@ -40,17 +38,9 @@ def convert_to_slim(
         )
     processor = SlimLlavaProcessor.from_pretrained(source, compression=model.config.compression)
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
+    with atomic_folder(output) as staging:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
         write_model_card(staging, base_model=base_model or str(source), compression=model.config.compression,
                          tokens_per_image=model.image_token_count())
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return output

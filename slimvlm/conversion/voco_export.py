@@ -12,13 +12,13 @@ deterministic.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from .atomic import atomic_folder, refuse_existing
 
 VOCO_WEIGHTS_FILE = "voco_weights.safetensors"
 VOCO_WEIGHTS_FORMAT = "slimvlm-voco-weights"
@@ -68,13 +68,6 @@ def apply_delta_tensor(base: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     return (base.to(delta.dtype) + delta).to(base.dtype)
 
 
-def _staging_folder(out_dir: Path, overwrite: bool) -> Path:
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"output folder {out_dir} already exists; choose another or pass overwrite=True")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp", dir=out_dir.parent))
-
-
 def export_voco_weights(
     model,
     out_dir: str | os.PathLike,
@@ -112,8 +105,8 @@ def export_voco_weights(
         "hidden_size": str(tensors["voco.embed_tokens_row"].shape[0]),
         "vocab_size": str(model.get_input_embeddings().weight.shape[0]),
     }
-    staging = _staging_folder(out_dir, overwrite)
-    try:
+    refuse_existing(out_dir, overwrite)
+    with atomic_folder(out_dir) as staging:
         if mode == "full":
             model.save_pretrained(staging)
             if processor is not None:
@@ -121,12 +114,6 @@ def export_voco_weights(
         if mode == "delta":
             save_file(weight_delta(model.state_dict(), base_state_dict), staging / DELTA_FILE, metadata=metadata)
         save_file(tensors, staging / VOCO_WEIGHTS_FILE, metadata=metadata)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out_dir
 
 
