@@ -1,11 +1,16 @@
 """Procedural "shapes" visual question answering task for the SlimVLM demo model.
 
-Images are ``IMAGE_SIZE`` x ``IMAGE_SIZE`` RGB pictures (96 px; with patch size 4 this gives the
-LLaVA-1.5 geometry of a 24x24 patch grid) showing 1-4 coloured shapes (4 colours x 4 shapes) placed in the cells of a
-coarse 3x3 grid on a noisy, textured background.  Each image comes with single-word-answer
-questions about it (colour of a shape, shape of a colour, counts, what is at a grid position,
-"is there a ...").  Everything is deterministic given ``(split, seed, index)``; the ``"train"``
-and ``"heldout"`` splits draw from disjoint seed streams.
+Images are ``IMAGE_SIZE`` x ``IMAGE_SIZE`` RGB pictures (192 px; with ``PATCH`` = 8 px patches this
+gives the LLaVA-1.5 geometry of a 24x24 patch grid) showing 1-4 small coloured shapes (4 colours x 4
+shapes) on a noisy, textured background.  Each object sits in one cell of a coarse 3x3 grid (8x8
+patches per cell) and is drawn inside a 2x2-patch block at a random place in its cell, so every
+object covers exactly 4 of the 576 patches and each of those patches shows a quarter of the shape
+(an arc, a corner, a slanted edge, the arms of a cross): what an object is can be seen in each of
+its patches, and nowhere else.  That makes per-object information local to a few tokens, which is
+what a token-compression benchmark needs.  Each image comes with single-word-answer questions
+about it (colour of a shape, shape of a colour, counts, what is at a grid position, "is there a
+...", where something is).  Everything is deterministic given ``(split, seed, index)``; the
+``"train"`` and ``"heldout"`` splits draw from disjoint seed streams.
 
 Text format (LLaVA-1.5 style, word-level tokenizer)::
 
@@ -28,9 +33,13 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-IMAGE_SIZE = 96
+IMAGE_SIZE = 192
+PATCH = 8  # vision tower patch size: IMAGE_SIZE // PATCH = 24 patches per side, like LLaVA-1.5
+GRID_PATCHES = IMAGE_SIZE // PATCH
 GRID = 3  # coarse grid: objects sit in the cells of a GRID x GRID layout
 CELL = IMAGE_SIZE // GRID
+CELL_PATCHES = GRID_PATCHES // GRID  # 8
+BLOCK = 2  # an object is drawn inside a BLOCK x BLOCK patch block
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -117,7 +126,7 @@ def render(objects: Sequence[Obj], rng: random.Random, return_mask: bool = False
     base = nprng.uniform(40, 110, size=3)
     yy, xx = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE] / IMAGE_SIZE
     grad = (nprng.uniform(-25, 25) * xx + nprng.uniform(-25, 25) * yy)[..., None]
-    blotch = nprng.normal(0, 12, size=(6, 6, 3)).repeat(16, 0).repeat(16, 1)
+    blotch = nprng.normal(0, 12, size=(6, 6, 3)).repeat(IMAGE_SIZE // 6, 0).repeat(IMAGE_SIZE // 6, 1)
     bg = base + grad + blotch
     img = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(img)
@@ -125,9 +134,12 @@ def render(objects: Sequence[Obj], rng: random.Random, return_mask: bool = False
     mdraw = ImageDraw.Draw(mask)
     for k, o in enumerate(objects, start=1):
         row, col = divmod(o.cell, GRID)
-        r = rng.uniform(10.5, 12.5)
-        cx = col * CELL + CELL / 2 + rng.uniform(-1.5, 1.5)
-        cy = row * CELL + CELL / 2 + rng.uniform(-1.5, 1.5)
+        # The object's 2x2-patch block: anywhere in its cell with a margin of one patch, so objects
+        # of neighbouring cells never touch.
+        top = row * CELL_PATCHES + rng.randint(1, CELL_PATCHES - BLOCK - 1)
+        left = col * CELL_PATCHES + rng.randint(1, CELL_PATCHES - BLOCK - 1)
+        cx, cy = (left + BLOCK / 2) * PATCH, (top + BLOCK / 2) * PATCH
+        r = rng.uniform(0.75, 0.9) * PATCH * BLOCK / 2
         jitter = np.array(COLORS[o.color]) + nprng.integers(-20, 21, size=3)
         fill = tuple(int(v) for v in np.clip(jitter, 0, 255))
         for d, val in ((draw, fill), (mdraw, k)):
