@@ -78,6 +78,37 @@ def accuracy(answers: list[str], samples) -> float:
     return sum(a == s.answer for a, s in zip(answers, samples)) / len(samples)
 
 
+@torch.inference_mode()
+def cls_attention_on_objects(model, processor, images: int, seed: int, dominant: int = 53) -> dict:
+    """How VisionZip's score sees the held-out images: the share of the CLS attention (layer of
+    ``vision_feature_layer``, summed over heads) that lands on the patches showing an object, against
+    those patches' share of the grid, and the share of object patches among the top-``dominant``
+    patches (VisionZip's dominant tokens at 64 = CLS + 53)."""
+    from slimvlm.demo.train import patch_cover
+    from slimvlm.visionzip import cls_attention_and_keys, resolve_feature_layer
+
+    tower = model.model.vision_tower
+    layers = tower.encoder.layers
+    index = resolve_feature_layer(model.config.vision_feature_layer, len(layers))  # input: hidden_states[index]
+    attention_share, patch_share, recall = [], [], []
+    for start in range(0, images, 25):
+        scenes = [shapes.make_scene_batch("heldout", seed, i) for i in range(start, min(start + 25, images))]
+        pixels = processor.image_processor([s[1] for s in scenes], return_tensors="pt")["pixel_values"]
+        hidden = tower(pixel_values=pixels, output_hidden_states=True).hidden_states
+        scores, _ = cls_attention_and_keys(layers[index], hidden[index])
+        top = scores.topk(dominant, dim=-1).indices
+        for row, (objects, _, mask, _) in enumerate(scenes):
+            shown = patch_cover(objects, mask) > 0
+            attention_share.append(float(scores[row][shown].sum() / scores[row].sum()))
+            patch_share.append(float(shown.float().mean()))
+            recall.append(float(shown[top[row]].sum() / shown.sum()))
+    mean = lambda values: sum(values) / len(values)  # noqa: E731
+    return {"images": images, "layer": index, "object_patch_share": mean(patch_share),
+            "cls_attention_on_object_patches": mean(attention_share),
+            "times_fair_share": mean(attention_share) / mean(patch_share),
+            f"object_patches_in_top_{dominant}": mean(recall)}
+
+
 def run(args) -> dict:
     from tqdm import tqdm
 
@@ -87,6 +118,8 @@ def run(args) -> dict:
     processor.tokenizer.padding_side = "left"
     samples = shapes.make_samples("heldout", args.questions, seed=args.seed, per_image=1)
     depth = model.config.text_config.num_hidden_layers
+    attention = cls_attention_on_objects(model, processor, 100, args.seed)
+    print(f"CLS attention on object patches: {attention}")
 
     jobs = [("none", 576, {"method": "none"})]
     jobs += [("visionzip", k, {"method": "visionzip", "tokens": k}) for k in BUDGETS if k < 576]
@@ -122,6 +155,7 @@ def run(args) -> dict:
         "questions": len(samples),
         "seed": args.seed,
         "text_layers": depth,
+        "cls_attention": attention,
         "rows": rows,
         "voco": json.loads(voco.read_text()) if voco.exists() else None,
     }
@@ -140,6 +174,10 @@ def plot(result: dict, path: Path) -> None:
         points = sorted((r["tokens"], r["accuracy"]) for r in result["rows"] if r["method"] == method)
         if points:
             ax.plot(*zip(*points), style, label=method)
+    voco = result.get("voco")
+    if voco:
+        ax.plot([voco["num_voco_tokens"]], [voco["accuracy"]["voco_after_finetuning_cached"]], "*", markersize=12,
+                label=f"VoCo-LLaMA (fine-tuned, {voco['eval_samples']} q)")
     ax.axhline(dense, color="gray", linestyle=":", label=f"uncompressed (576): {dense:.2f}")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("visual tokens per image")
