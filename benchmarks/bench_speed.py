@@ -10,6 +10,8 @@ process against `{"method": "none"}`.
 Reported per setting:
 - prefill seconds (median of --repeats, after one warm-up): vision tower + compression + LLM forward;
 - ideal speedup: the ratio of prefill FLOPs (analytic count below), and the measured speedup next to it;
+- the vision tower alone for the uncompressed setting: its share of prefill time next to its share of prefill
+  FLOPs (what compression cannot shrink; where the two differ, the FLOP ratio overstates the ideal);
 - compression step: seconds of the method's own work (VisionZip: CLS row + selection + merge) as a share of
   the compressed prefill;
 - peak memory: growth of the process's peak RSS during the prefill (Linux VmHWM, reset before each run; the
@@ -149,6 +151,18 @@ def visionzip_step_seconds(model, pixel_values: torch.Tensor, compression: dict,
     return statistics.median(times[1:])
 
 
+@torch.inference_mode()
+def tower_seconds(model, pixel_values: torch.Tensor, repeats: int) -> float:
+    """Time of the whole vision tower alone (the part no method shrinks), as the stock model runs it."""
+    tower = model.model.vision_tower
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        tower(pixel_values, output_hidden_states=True)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
 def settings(text_layers: int) -> list[tuple[str, int, dict]]:
     rows = [("none", 576, {"method": "none"})]
     rows += [("visionzip", k, {"method": "visionzip", "tokens": k}) for k in (192, 128, 64)]
@@ -186,6 +200,14 @@ def run_dtype(model, dtype: torch.dtype, args, progress) -> list[dict]:
         flops = prefill_flops(config, model.config.compression, visual, text, schedule)
         row = {"dtype": str(dtype).split(".")[-1], "method": method, "tokens": tokens, "visual_tokens_in": visual,
                "compression": model.config.compression, "prefill_flops": flops, **result}
+        if method == "none":
+            # Where the time goes that compression cannot remove: the tower's share of prefill time next
+            # to its share of prefill FLOPs (the ideal speedup assumes the two are equal).
+            vision = config.vision_config
+            row["tower_s"] = tower_seconds(model, inputs["pixel_values"], args.repeats)
+            row["tower_time_share"] = row["tower_s"] / row["prefill_s"]
+            row["tower_flop_share"] = vit_flops(vision, (vision.image_size // vision.patch_size) ** 2 + 1,
+                                                vision.num_hidden_layers) / flops
         if method == "visionzip":
             row["compression_step_s"] = visionzip_step_seconds(model, inputs["pixel_values"], model.config.compression, args.repeats)
         rows.append(row)
