@@ -388,9 +388,10 @@ def train_lm(model: Any, tokenizer: Any, processor: Any, args: argparse.Namespac
 
     Phase A (``--subset-steps``) feeds each image as ``--subset-tokens`` of its 576 patch tokens (the
     ones showing objects plus random others, at their original positions), which makes a step ~8x
-    cheaper; phase B
-    (``--full-steps``) trains on the ordinary full 576-token sequences the model sees at inference.
+    cheaper; phase B (``--full-steps``) trains on the ordinary full 576-token sequences the model
+    sees at inference.
     One warmup + cosine schedule spans both phases."""
+    # Re-seed: stage 2 must not depend on whether stage 1 ran here or was loaded from the cache.
     torch.manual_seed(args.seed + 1)
     model.model.vision_tower.requires_grad_(False)
     feats, scenes, shown = encode_pool(model, processor, args)
