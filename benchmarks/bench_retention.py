@@ -84,7 +84,6 @@ def cls_attention_on_objects(model, processor, images: int, seed: int, dominant:
     ``vision_feature_layer``, summed over heads) that lands on the patches showing an object, against
     those patches' share of the grid, and the share of object patches among the top-``dominant``
     patches (VisionZip's dominant tokens at 64 = CLS + 53)."""
-    from slimvlm.demo.train import patch_cover
     from slimvlm.visionzip import cls_attention_and_keys, resolve_feature_layer
 
     tower = model.model.vision_tower
@@ -98,7 +97,7 @@ def cls_attention_on_objects(model, processor, images: int, seed: int, dominant:
         scores, _ = cls_attention_and_keys(layers[index], hidden[index])
         top = scores.topk(dominant, dim=-1).indices
         for row, (objects, _, mask, _) in enumerate(scenes):
-            shown = patch_cover(objects, mask) > 0
+            shown = torch.from_numpy(shapes.patch_cover(objects, mask) > 0)
             attention_share.append(float(scores[row][shown].sum() / scores[row].sum()))
             patch_share.append(float(shown.float().mean()))
             recall.append(float(shown[top[row]].sum() / shown.sum()))

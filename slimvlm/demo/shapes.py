@@ -37,9 +37,9 @@ IMAGE_SIZE = 192
 PATCH = 8  # vision tower patch size: IMAGE_SIZE // PATCH = 24 patches per side, like LLaVA-1.5
 GRID_PATCHES = IMAGE_SIZE // PATCH
 GRID = 3  # coarse grid: objects sit in the cells of a GRID x GRID layout
-CELL = IMAGE_SIZE // GRID
 CELL_PATCHES = GRID_PATCHES // GRID  # 8
 BLOCK = 2  # an object is drawn inside a BLOCK x BLOCK patch block
+MIN_COVER = 4  # pixels (of PATCH * PATCH) an object must cover for a patch to count as showing it
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -107,8 +107,6 @@ def _shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[flo
         return [(cx - r, cy - r), (cx + r, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
     if shape == "triangle":
         return [(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
-    if shape == "diamond":
-        return [(cx, cy - r * 1.2), (cx + r, cy), (cx, cy + r * 1.2), (cx - r, cy)]
     if shape == "cross":
         t = r * 0.38
         return [(cx - t, cy - r), (cx + t, cy - r), (cx + t, cy - t), (cx + r, cy - t), (cx + r, cy + t),
@@ -150,6 +148,17 @@ def render(objects: Sequence[Obj], rng: random.Random, return_mask: bool = False
     arr = np.asarray(img).astype(np.float32) + nprng.normal(0, 8, size=(IMAGE_SIZE, IMAGE_SIZE, 3))
     img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
     return (img, np.asarray(mask)) if return_mask else img
+
+
+def patch_cover(objects: Sequence[Obj], mask: np.ndarray) -> np.ndarray:
+    """For each of the GRID_PATCHES**2 patches (raster order), the (1-based) object covering most of its
+    pixels in ``mask`` (from ``render(..., return_mask=True)``), 0 if none covers ``MIN_COVER`` pixels."""
+    side = GRID_PATCHES
+    counts = np.stack([np.zeros((side, side), dtype=np.int64)] + [
+        (mask == k).reshape(side, PATCH, side, PATCH).sum((1, 3)) for k in range(1, len(objects) + 1)])
+    best = counts.argmax(0)
+    best[counts.max(0) < MIN_COVER] = 0
+    return best.flatten()
 
 
 # ----------------------------------------------------------------------------- questions

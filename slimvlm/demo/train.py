@@ -50,7 +50,6 @@ from slimvlm.demo import shapes  # noqa: E402
 
 PATCH = shapes.PATCH  # 8 px
 GRID_PATCHES = shapes.GRID_PATCHES  # 24 -> 576 image tokens, like LLaVA-1.5
-MIN_COVER = 4  # pixels (of 64) an object must cover for a patch to count as showing it
 
 
 def build_model(tokenizer: Any, lm_layers: int = 16, lm_init_std: float | None = None) -> "LlavaForConditionalGeneration":
@@ -153,17 +152,6 @@ COLOR_IDX = {c: i + 1 for i, c in enumerate(shapes.COLORS)}  # 0 = empty / backg
 SHAPE_IDX = {s: i + 1 for i, s in enumerate(shapes.SHAPES)}
 
 
-def patch_cover(objects: list[shapes.Obj], mask: np.ndarray) -> torch.Tensor:
-    """For each of the 576 patches, the (1-based) object covering most of its pixels, 0 if none
-    covers at least ``MIN_COVER`` pixels."""
-    side = GRID_PATCHES
-    counts = np.stack([np.zeros((side, side), dtype=np.int64)] + [
-        (mask == k).reshape(side, PATCH, side, PATCH).sum((1, 3)) for k in range(1, len(objects) + 1)])
-    best = counts.argmax(0)
-    best[counts.max(0) < MIN_COVER] = 0
-    return torch.from_numpy(best).flatten()
-
-
 def vision_targets(objects: list[shapes.Obj], mask: np.ndarray) -> dict[str, torch.Tensor]:
     """Global targets (for CLS) and per-patch targets (class 0 = nothing) for one image."""
     # CLS: CLIP-like global semantics -- which colour/shape combinations, colours and shapes are
@@ -173,7 +161,7 @@ def vision_targets(objects: list[shapes.Obj], mask: np.ndarray) -> dict[str, tor
         ci, si = COLOR_IDX[o.color] - 1, SHAPE_IDX[o.shape] - 1
         present[[ci * N_SHP + si, N_COL * N_SHP + ci, N_COL * N_SHP + N_COL + si]] = 1.0
     # What each patch shows (local: only the object's own ~4 patches know about it).
-    cover = patch_cover(objects, mask)
+    cover = torch.from_numpy(shapes.patch_cover(objects, mask))
     obj_col = torch.tensor([0] + [COLOR_IDX[o.color] for o in objects])
     obj_shp = torch.tensor([0] + [SHAPE_IDX[o.shape] for o in objects])
     # Which grid cell each patch lies in (24 patches / 3 cells = 8 patches per cell side).
@@ -299,7 +287,7 @@ def encode_pool(model: Any, processor: Any, args: argparse.Namespace
                 objects, image, mask, _ = shapes.make_scene_batch("train", args.seed, i)
                 images.append(image)
                 scenes.append(objects)
-                shown.append(torch.nonzero(patch_cover(objects, mask)).flatten())
+                shown.append(torch.from_numpy(shapes.patch_cover(objects, mask).nonzero()[0]))
             pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]
             feats.append(tower(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][:, 1:])
     print(f"[pool] {args.pool_images} images encoded ({time.time() - t0:.0f}s)", flush=True)
