@@ -142,25 +142,29 @@ def visionzip_step_seconds(model, pixel_values: torch.Tensor, compression: dict,
     for layer in layers[: len(layers) - 2]:
         hidden = layer(hidden, None)
     features = layers[len(layers) - 2](hidden, None)
-    times = []
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
+
+    def step() -> None:
         scores, keys = cls_attention_and_keys(layers[len(layers) - 2], hidden)
         visionzip_select(features, scores, keys, compression["dominant"], compression["contextual"])
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
+
+    return median_seconds(step, repeats)
 
 
 @torch.inference_mode()
 def tower_seconds(model, pixel_values: torch.Tensor, repeats: int) -> float:
     """Time of the whole vision tower alone (the part no method shrinks), as the stock model runs it."""
-    tower = model.model.vision_tower
+    return median_seconds(lambda: model.model.vision_tower(pixel_values, output_hidden_states=True), repeats)
+
+
+def median_seconds(run, repeats: int) -> float:
+    """Median wall time of `repeats` calls of `run()`, after one untimed warm-up call."""
+    run()
     times = []
-    for _ in range(repeats + 1):
+    for _ in range(repeats):
         start = time.perf_counter()
-        tower(pixel_values, output_hidden_states=True)
+        run()
         times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
+    return statistics.median(times)
 
 
 def settings(text_layers: int) -> list[tuple[str, int, dict]]:

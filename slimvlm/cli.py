@@ -120,7 +120,7 @@ def run_demo(args) -> int:
     else:
         samples = shapes.make_samples("heldout", args.samples, seed=args.seed, start=10_000)
         images, questions, expected = [s.image for s in samples], [s.question for s in samples], [s.answer for s in samples]
-    prompt_builder = shapes.build_prompt if not args.model else (lambda q: f"USER: <image>\n{q} ASSISTANT:")
+    prompt_builder = shapes.build_prompt if not args.model else llava_prompt
 
     model, processor = load(model_path)
     print(f"model: {model_path}\n{len(images)} image(s); prefill = vision tower + compression + language model, "
@@ -144,6 +144,11 @@ def run_demo(args) -> int:
     return 0
 
 
+def llava_prompt(question: str) -> str:
+    """LLaVA-1.5's single-turn prompt."""
+    return f"USER: <image>\n{question} ASSISTANT:"
+
+
 def default_prompt(model, question: str) -> str:
     """LLaVA-1.5's prompt; a VoCo model gets the VoCo layout (image first, then system prompt and turn),
     which its processor extends with the `<voco>` group."""
@@ -151,7 +156,7 @@ def default_prompt(model, question: str) -> str:
         from .voco import build_voco_prompt
 
         return build_voco_prompt(question)
-    return f"USER: <image>\n{question} ASSISTANT:"
+    return llava_prompt(question)
 
 
 def run_generate(args) -> int:
