@@ -56,7 +56,6 @@ def write_legacy_copy(source, target, state_dict):
     return target
 
 
-
 @pytest.fixture(scope="module")
 def stock(stock_checkpoint):
     return LlavaForConditionalGeneration.from_pretrained(stock_checkpoint).eval()

@@ -27,7 +27,6 @@ MODES = {
 FULL_PRECISION = ("model.vision_tower.", "model.multi_modal_projector.", "lm_head")
 
 
-
 def linear_types(model) -> dict[str, str]:
     return {
         name: f"{type(module).__module__}.{type(module).__name__}"

@@ -112,7 +112,6 @@ def run_isolated(tasks: list[dict], workdir: Path) -> dict:
     return json.loads(lines[-1][len("RESULT ") :])
 
 
-
 @pytest.fixture(scope="module")
 def saved(stock_checkpoint, tmp_path_factory):
     """A Slim checkpoint (VisionZip 54/10) saved with save_pretrained, its image, and the in-process answer."""

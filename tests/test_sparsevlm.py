@@ -51,7 +51,6 @@ def build(compression, seed=0, attn="eager", layers=LAYERS, heads=8, kv_heads=2,
     return model
 
 
-
 @pytest.fixture(scope="module")
 def model():
     """32 layers, 8 heads: for the reference parity tests (every preset is feasible at this depth)."""

@@ -18,7 +18,6 @@ from slimvlm import SlimLlavaConfig, SlimLlavaForConditionalGeneration, SlimLlav
 from slimvlm.visionzip import cls_attention_and_keys, visionzip_select
 
 
-
 def slim_model(compression=None, seed=0, attn_implementation=None, **config_kwargs) -> SlimLlavaForConditionalGeneration:
     config = SlimLlavaConfig.from_dict(tiny_llava_config(**config_kwargs).to_dict(), compression=compression)
     if attn_implementation is not None:

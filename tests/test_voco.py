@@ -111,7 +111,6 @@ def max_diff(rows_a, rows_b) -> float:
     return max(float((a.double() - b.double()).abs().max()) for a, b in zip(rows_a, rows_b))
 
 
-
 @pytest.fixture(scope="module")
 def processor2():
     return voco_processor(2)
