@@ -1,13 +1,24 @@
 # The README's two commands: `make demo` and `make test`. Both set up .venv from the repository's own files.
+# `make test` runs the suite on the newest transformers that pyproject.toml allows (what a fresh install gets);
+# `make test-oldest` on the oldest tested one (.venv-oldest); CI (.ci/run) runs both.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+OLDEST_VENV := .venv-oldest
+# Keep in step with the lower bound in pyproject.toml and slimvlm/compat.py (TESTED_TRANSFORMERS_MIN).
+OLDEST_TRANSFORMERS := 5.23.0
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# CPU torch first: an unpinned torch would pull a multi-GB CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[test,quantization,bench]"
+	$(PY) -m pip install --quiet --upgrade -e ".[test,quantization,bench]"
+	touch $@
+
+$(OLDEST_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/python -m pip install --quiet torch==2.13.0
+	$(OLDEST_VENV)/bin/python -m pip install --quiet -e ".[test,quantization,bench]" "transformers==$(OLDEST_TRANSFORMERS)"
 	touch $@
 
 setup: $(VENV)/.installed
@@ -18,4 +29,9 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
-.PHONY: setup demo test
+test-oldest: $(OLDEST_VENV)/.installed
+	$(OLDEST_VENV)/bin/python -m pytest -q
+
+test-all: test test-oldest
+
+.PHONY: setup demo test test-oldest test-all

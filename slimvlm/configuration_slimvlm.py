@@ -15,6 +15,8 @@ from typing import Any
 
 from transformers import LlavaConfig
 
+from .compat import TESTED_RANGE  # noqa: F401  (importing compat warns once outside the tested range)
+
 
 METHODS = ("none", "visionzip", "sparsevlm", "voco")
 
@@ -74,8 +76,14 @@ def split_visionzip_tokens(total: int) -> tuple[int, int]:
     return dominant, total - dominant
 
 
-def _normalize_visionzip(compression: dict, tokens_per_view: int | None) -> dict:
+def _normalize_visionzip(compression: dict, tokens_per_view: int | None, vision_feature_layer=None) -> dict:
     _check_keys(compression, "visionzip", {"dominant", "contextual", "tokens"})
+    if isinstance(vision_feature_layer, (list, tuple)) and len(vision_feature_layer) != 1:
+        raise ValueError(
+            f"compression method 'visionzip' needs a single vision_feature_layer (an int, or a one-element list), "
+            f"got vision_feature_layer={list(vision_feature_layer)}: VisionZip scores with the CLS attention of one "
+            "layer, and multi-layer feature concatenation has no single CLS row; set e.g. vision_feature_layer=-2"
+        )
     if "tokens" in compression:
         if "dominant" in compression or "contextual" in compression:
             raise ValueError(
@@ -188,7 +196,10 @@ def _normalize_voco(compression: dict) -> dict:
 
 
 def normalize_compression(
-    compression: dict | None, tokens_per_view: int | None = None, num_text_layers: int | None = None
+    compression: dict | None,
+    tokens_per_view: int | None = None,
+    num_text_layers: int | None = None,
+    vision_feature_layer: int | list[int] | None = None,
 ) -> dict:
     """Validate a compression dict and return its canonical form (a new dict).
 
@@ -196,6 +207,7 @@ def normalize_compression(
         compression: e.g. `{"method": "visionzip", "dominant": 54, "contextual": 10}`; `None` means no compression.
         tokens_per_view: CLS + patches of one vision-tower view, to bound VisionZip's `dominant + contextual`.
         num_text_layers: language-model depth, to bound SparseVLM's prune layers.
+        vision_feature_layer: the config's feature layer(s); VisionZip needs exactly one.
     """
     if compression is None:
         return {"method": "none"}
@@ -208,7 +220,7 @@ def normalize_compression(
         _check_keys(compression, "none", set())
         return {"method": "none"}
     if method == "visionzip":
-        return _normalize_visionzip(compression, tokens_per_view)
+        return _normalize_visionzip(compression, tokens_per_view, vision_feature_layer)
     if method == "sparsevlm":
         return _normalize_sparsevlm(compression, num_text_layers)
     return _normalize_voco(compression)
@@ -239,16 +251,19 @@ def image_token_count(compression: dict, uncompressed_count: int) -> int:
 class SlimCompressionMixin:
     """Validates `compression` on every assignment (constructor, from_pretrained kwargs, set_compression)."""
 
-    def _compression_bounds(self) -> tuple[int | None, int | None]:
+    def _compression_bounds(self) -> tuple[int | None, int | None, Any]:
         vision_config = self.__dict__.get("vision_config")
         text_config = self.__dict__.get("text_config")
         tokens = vision_tokens_per_view(vision_config) if vision_config is not None and not isinstance(vision_config, dict) else None
         layers = getattr(text_config, "num_hidden_layers", None) if text_config is not None and not isinstance(text_config, dict) else None
-        return tokens, layers
+        return tokens, layers, self.__dict__.get("vision_feature_layer")
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "compression":
             value = normalize_compression(value, *self._compression_bounds())
+        elif name == "vision_feature_layer" and self.__dict__.get("compression") is not None:
+            # A multi-layer feature list is refused under VisionZip whichever of the two is set last.
+            normalize_compression(self.__dict__["compression"], *self._compression_bounds()[:2], value)
         super().__setattr__(name, value)
 
 

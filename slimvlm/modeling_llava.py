@@ -18,8 +18,9 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava.modeling_llava import LlavaModelOutputWithPast, LlavaPreTrainedModel
 from transformers.utils import logging
 
+from .compat import can_return_tuple, call_with_cache, generate_with_cache, generation_cache, model_output, pop_cache, with_cache_argument
 from .configuration_slimvlm import LEGACY_LLAVA_RENAMES, SlimLlavaConfig, image_token_count, normalize_compression, vision_tokens_per_view
-from .visionzip import encode_with_visionzip, resolve_feature_layer
+from .visionzip import encode_with_visionzip, resolve_feature_layer, visionzip_from_hidden_states
 from .sparsevlm import SparseVLMCache, sparsevlm_decode, sparsevlm_prefill
 from .voco import (
     VoCoBounds,
@@ -95,7 +96,22 @@ class SlimImageFeaturesOutput(BaseModelOutputWithPooling):
     dominant_indices: torch.Tensor | None = None
 
 
-class SlimModelMixin:
+class StockInitMixin:
+    """Slim classes initialise and load like the stock classes they extend.
+
+    transformers treats classes defined outside the library as custom code and, for those, skips any module
+    without parameters of its own when it initialises weights missing from a checkpoint (CLIPAttention,
+    CLIPMLP): their Linear children then keep the generic std instead of the tower's own init, so
+    `from_pretrained` of a checkpoint without tower weights would disagree with `__init__`. Our `_init_weights`
+    are the stock ones, so the library's own path applies.
+    """
+
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        return False
+
+
+class SlimModelMixin(StockInitMixin):
     """Behaviour every Slim base model shares: compression access and a placeholder check that explains itself."""
 
     @property
@@ -119,6 +135,7 @@ class SlimLlavaModel(SlimModelMixin, LlavaModel):
     config: SlimLlavaConfig
     config_class = SlimLlavaConfig
 
+    @can_return_tuple
     def get_image_features(
         self,
         pixel_values: torch.Tensor,
@@ -126,10 +143,13 @@ class SlimLlavaModel(SlimModelMixin, LlavaModel):
         vision_feature_select_strategy: str | None = None,
         image_sizes: torch.Tensor | None = None,
         **kwargs,
-    ) -> SlimImageFeaturesOutput | BaseModelOutputWithPooling:
+    ) -> SlimImageFeaturesOutput | BaseModelOutputWithPooling | tuple:
         """Projected image features, compressed when `config.compression` says so.
 
-        Returns `pooler_output`: a list with one [K, D] tensor per image, K = `image_token_count(...)`.
+        Returns `pooler_output`: a list with one [K, D] tensor per image, K = `image_token_count(...)`. As the
+        stock method: `return_dict=False` gives a tuple, and `output_hidden_states` / `output_attentions`
+        return the vision tower's (under VisionZip the whole tower then runs; otherwise it stops at the
+        feature layer, whose output is all VisionZip needs).
         """
         compression = self.config.compression
         if compression["method"] != "visionzip":
@@ -138,29 +158,66 @@ class SlimLlavaModel(SlimModelMixin, LlavaModel):
                 vision_feature_layer=vision_feature_layer,
                 vision_feature_select_strategy=vision_feature_select_strategy,
                 image_sizes=image_sizes,
+                return_dict=True,
                 **kwargs,
             )
         layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
         feature_layer = resolve_feature_layer(layer, len(self.vision_tower.encoder.layers))
+        dominant, contextual = compression["dominant"], compression["contextual"]
+        output_hidden_states = kwargs.get("output_hidden_states", self.config.output_hidden_states)
+        output_attentions = kwargs.get("output_attentions", self.config.output_attentions)
         # CLS is always kept under VisionZip, so vision_feature_select_strategy does not apply.
-        selection = encode_with_visionzip(
-            self.vision_tower, pixel_values, feature_layer, compression["dominant"], compression["contextual"]
-        )
+        tower = None
+        if output_hidden_states or output_attentions:
+            tower = self.vision_tower(pixel_values, output_hidden_states=True, output_attentions=bool(output_attentions),
+                                      return_dict=True)
+            selection = visionzip_from_hidden_states(self.vision_tower, tower.hidden_states, feature_layer, dominant,
+                                                     contextual)
+        else:
+            selection = encode_with_visionzip(self.vision_tower, pixel_values, feature_layer, dominant, contextual)
         features = self.multi_modal_projector(selection.tokens)
         return SlimImageFeaturesOutput(
             last_hidden_state=selection.tokens,
             pooler_output=list(features),
+            hidden_states=tower.hidden_states if tower is not None and output_hidden_states else None,
+            attentions=tower.attentions if tower is not None and output_attentions else None,
             dominant_indices=selection.dominant_indices,
         )
 
-    def forward(self, *args, **kwargs):
-        """`LlavaModel.forward`; SparseVLM and VoCo change what happens inside the language model."""
+    @can_return_tuple
+    @with_cache_argument
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+        inputs_embeds: torch.Tensor | None = None,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        image_sizes: torch.Tensor | None = None,
+        mm_encoder_outputs: dict | None = None,
+        **kwargs,
+    ):
+        """`LlavaModel.forward` (same signature; the cache keyword is the installed transformers' one, and
+        both `cache=` and `past_key_values=` are accepted). SparseVLM and VoCo change what happens inside the
+        language model; VoCo also takes `voco_cache`, `voco_bounds` and `voco_token_mask`."""
+        inputs = dict(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                      position_ids=position_ids, cache=cache, inputs_embeds=inputs_embeds,
+                      vision_feature_layer=vision_feature_layer,
+                      vision_feature_select_strategy=vision_feature_select_strategy, image_sizes=image_sizes,
+                      mm_encoder_outputs=mm_encoder_outputs, **kwargs)
         method = self.config.compression["method"]
         if method == "sparsevlm":
-            return self._forward_sparsevlm(*args, **kwargs)
+            return self._forward_sparsevlm(**inputs)
         if method == "voco":
-            return self._forward_voco(*args, **kwargs)
-        return super().forward(*args, **kwargs)
+            return self._forward_voco(**inputs)
+        return self._stock_forward(**inputs)
+
+    def _stock_forward(self, cache=None, **kwargs):
+        """The stock `LlavaModel.forward`, the cache under its keyword."""
+        return call_with_cache(LlavaModel.forward, self, cache=cache, **kwargs)
 
     # ---- SparseVLM (specs/sparsevlm.md; the math and the decoder loop live in sparsevlm.py) ----
 
@@ -175,7 +232,7 @@ class SlimLlavaModel(SlimModelMixin, LlavaModel):
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
+        cache=None,
         inputs_embeds: torch.Tensor | None = None,
         vision_feature_layer=None,
         vision_feature_select_strategy=None,
@@ -190,59 +247,61 @@ class SlimLlavaModel(SlimModelMixin, LlavaModel):
         Prefill (no cache or an empty one) prunes; a `SparseVLMCache` from a prefill is continued without
         pruning. The output `last_hidden_state` is [B, S_last, C], left-padded: shorter than the input, its
         last slot is each sample's last token. What was kept is in `self.sparsevlm_report` (and
-        `past_key_values.report`): per-layer visual counts, ET, processed mean, raters and prune steps.
+        `cache.report`): per-layer visual counts, ET, processed mean, raters and prune steps.
         `sparsevlm_plan` (a report's `steps`) replays a plan instead of scoring (cache-free reference loops).
         """
         if self.training:
             if not getattr(self, "_sparsevlm_warned", False):
                 logger.warning("SparseVLM runs dense in training mode (pruning is inference-only)")
                 self._sparsevlm_warned = True
-            return LlavaModel.forward(self, input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
-                                      position_ids=position_ids, past_key_values=past_key_values,
-                                      inputs_embeds=inputs_embeds, vision_feature_layer=vision_feature_layer,
-                                      vision_feature_select_strategy=vision_feature_select_strategy,
-                                      image_sizes=image_sizes, mm_encoder_outputs=mm_encoder_outputs,
-                                      use_cache=use_cache, **kwargs)
+            return self._stock_forward(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                                       position_ids=position_ids, cache=cache, inputs_embeds=inputs_embeds,
+                                       vision_feature_layer=vision_feature_layer,
+                                       vision_feature_select_strategy=vision_feature_select_strategy,
+                                       image_sizes=image_sizes, mm_encoder_outputs=mm_encoder_outputs,
+                                       use_cache=use_cache, **kwargs)
         language_model = self.language_model
         if getattr(language_model, "rotary_emb", None) is None or not hasattr(language_model.layers[0].self_attn, "q_proj"):
             raise ValueError(
                 f"SparseVLM supports Llama-family decoders (rotary_emb, self_attn.q_proj); got {type(language_model).__name__}"
             )
-        if past_key_values is not None and not isinstance(past_key_values, DynamicCache):
+        if cache is not None and not isinstance(cache, DynamicCache):
             raise ValueError(
                 f"SparseVLM leaves different KV lengths in different layers and needs a dynamic cache; got "
-                f"{type(past_key_values).__name__}. Do not request a static cache (cache_implementation='static')."
+                f"{type(cache).__name__}. Do not request a static cache (cache_implementation='static')."
             )
-        decoding = past_key_values is not None and past_key_values.get_seq_length() > 0
-        if decoding and not isinstance(past_key_values, SparseVLMCache):
+        decoding = cache is not None and cache.get_seq_length() > 0
+        if decoding and not isinstance(cache, SparseVLMCache):
             raise ValueError(
                 "SparseVLM can only continue a cache that its own prefill filled (a SparseVLMCache); got a "
-                f"non-empty {type(past_key_values).__name__}"
+                f"non-empty {type(cache).__name__}"
             )
-        inputs_embeds, visual_mask, image_features = self._sparsevlm_embeddings(
+        for flag in ("output_hidden_states", "output_attentions"):
+            if kwargs.get(flag, getattr(self.config, flag, False)):
+                raise ValueError(
+                    f"{flag}=True is not supported under SparseVLM: pruning makes every layer's sequence shorter, so "
+                    "there is no per-layer tensor to return; use compression {'method': 'none'} to inspect them"
+                )
+        inputs_embeds, visual_mask, image_outputs = self._sparsevlm_embeddings(
             input_ids, pixel_values, inputs_embeds, vision_feature_layer, vision_feature_select_strategy,
             image_sizes, mm_encoder_outputs,
         )
         kwargs.pop("return_dict", None)
         if decoding:
-            hidden = sparsevlm_decode(self.language_model, inputs_embeds, past_key_values, attention_mask,
+            hidden = sparsevlm_decode(self.language_model, inputs_embeds, cache, attention_mask,
                                       position_ids, **kwargs)
-            cache = past_key_values
         else:
             hidden, cache, report = sparsevlm_prefill(
                 self.language_model, inputs_embeds, visual_mask, self.config.compression, attention_mask,
                 position_ids, plan=sparsevlm_plan, noise=self.sparsevlm_noise, **kwargs,
             )
             self.sparsevlm_report = report
-        return LlavaModelOutputWithPast(
-            last_hidden_state=hidden,
-            past_key_values=cache if use_cache is not False else None,
-            image_hidden_states=image_features,
-        )
+        return model_output(LlavaModelOutputWithPast, last_hidden_state=hidden,
+                                   cache=cache if use_cache is not False else None, image_outputs=image_outputs)
 
     def _sparsevlm_embeddings(self, input_ids, pixel_values, inputs_embeds, vision_feature_layer,
                               vision_feature_select_strategy, image_sizes, mm_encoder_outputs):
-        """Decoder input with the image features scattered in, the [B, L] visual mask and the features."""
+        """Decoder input with the image features scattered in, the [B, L] visual mask and the image-features output."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if pixel_values is not None and mm_encoder_outputs:
@@ -258,7 +317,8 @@ class SlimLlavaModel(SlimModelMixin, LlavaModel):
         visual_mask = torch.zeros(inputs_embeds.shape[:2], dtype=torch.bool, device=inputs_embeds.device)
         if encoded.get("image") is None:
             return inputs_embeds, visual_mask, None
-        features = encoded["image"].pooler_output
+        image_outputs = encoded["image"]
+        features = image_outputs.pooler_output
         images = len(features)
         features = torch.cat(list(features), dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
         mask = self.get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds, image_features=features)
@@ -268,7 +328,7 @@ class SlimLlavaModel(SlimModelMixin, LlavaModel):
                 f"SparseVLM supports one image per sample; got {images} images for "
                 f"{int(visual_mask.any(dim=1).sum())} samples with image tokens"
             )
-        return inputs_embeds.masked_scatter(mask, features), visual_mask, features
+        return inputs_embeds.masked_scatter(mask, features), visual_mask, image_outputs
 
     # ---- VoCo-LLaMA (specs/voco.md; the rule and the cache live in voco.py) ----
 
@@ -290,7 +350,7 @@ class SlimLlavaModel(SlimModelMixin, LlavaModel):
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
+        cache=None,
         inputs_embeds: torch.Tensor | None = None,
         voco_cache: VoCoCache | None = None,
         voco_bounds: VoCoBounds | None = None,
@@ -307,19 +367,18 @@ class SlimLlavaModel(SlimModelMixin, LlavaModel):
         """
         if voco_cache is not None:
             return self._forward_voco_cached(voco_cache, input_ids, pixel_values, attention_mask, position_ids,
-                                             past_key_values, inputs_embeds, **kwargs)
+                                             cache, inputs_embeds, **kwargs)
         reference = input_ids if input_ids is not None else inputs_embeds
         batch, length = reference.shape[:2]
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        past_length = cache.get_seq_length() if cache is not None else 0
         if attention_mask is None:
             attention_mask = torch.ones(batch, past_length + length, dtype=torch.long, device=reference.device)
         if position_ids is None:
             position_ids = positions_from_padding(attention_mask, length)
-        if voco_bounds is None and isinstance(past_key_values, VoCoDynamicCache):
+        if voco_bounds is None and isinstance(cache, VoCoDynamicCache):
             # Continuing on a VoCo cache: nothing before the VoCo group is cached, so plain causal is exact.
-            return LlavaModel.forward(self, input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
-                                      position_ids=position_ids, past_key_values=past_key_values,
-                                      inputs_embeds=inputs_embeds, **kwargs)
+            return self._stock_forward(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                                       position_ids=position_ids, cache=cache, inputs_embeds=inputs_embeds, **kwargs)
         if voco_bounds is None:
             if past_length > 0:
                 raise ValueError(
@@ -334,17 +393,16 @@ class SlimLlavaModel(SlimModelMixin, LlavaModel):
             voco_bounds = compute_voco_bounds(voco_token_mask)
         shape_only = torch.empty((batch, length, 0), dtype=self.get_input_embeddings().weight.dtype, device=reference.device)
         mask = build_voco_attention_mask(self.language_model.config, shape_only, attention_mask, voco_bounds,
-                                         past_key_values, position_ids)
-        return LlavaModel.forward(self, input_ids=input_ids, pixel_values=pixel_values, attention_mask=mask,
-                                  position_ids=position_ids, past_key_values=past_key_values,
-                                  inputs_embeds=inputs_embeds, **kwargs)
+                                         cache, position_ids)
+        return self._stock_forward(input_ids=input_ids, pixel_values=pixel_values, attention_mask=mask,
+                                   position_ids=position_ids, cache=cache, inputs_embeds=inputs_embeds, **kwargs)
 
     def _forward_voco_cached(self, voco_cache: VoCoCache, input_ids, pixel_values, attention_mask, position_ids,
-                             past_key_values, inputs_embeds, **kwargs):
+                             cache, inputs_embeds, **kwargs):
         """Stage 2: the text [B, T] attends to a fresh copy of the cached VoCo K/V (the stored cache never changes)."""
-        if pixel_values is not None or (past_key_values is not None and past_key_values.get_seq_length() > 0):
-            raise ValueError("voco_cache replaces the image and any past_key_values: pass neither pixel_values nor a "
-                             "non-empty past_key_values with it")
+        if pixel_values is not None or (cache is not None and cache.get_seq_length() > 0):
+            raise ValueError("voco_cache replaces the image and any KV cache: pass neither pixel_values nor a "
+                             "non-empty cache with it")
         reference = input_ids if input_ids is not None else inputs_embeds
         batch, length = reference.shape[:2]
         cache = voco_cache.expand_to(batch)
@@ -361,11 +419,11 @@ class SlimLlavaModel(SlimModelMixin, LlavaModel):
         if position_ids is None:
             position_ids = cache.next_position.to(device)[:, None] + positions_from_padding(text_mask, length)
         past = cache.to_dynamic_cache(self._voco_layer_devices(), dtype=self.get_input_embeddings().weight.dtype)
-        return LlavaModel.forward(self, input_ids=input_ids, attention_mask=full_mask, position_ids=position_ids,
-                                  past_key_values=past, inputs_embeds=inputs_embeds, **kwargs)
+        return self._stock_forward(input_ids=input_ids, attention_mask=full_mask, position_ids=position_ids,
+                                   cache=past, inputs_embeds=inputs_embeds, **kwargs)
 
 
-class SlimGenerationMixin:
+class SlimGenerationMixin(StockInitMixin):
     """Loading, saving and reconfiguring shared by every Slim*ForConditionalGeneration."""
 
     @classmethod
@@ -475,8 +533,8 @@ class SlimLlavaForConditionalGeneration(SlimGenerationMixin, LlavaForConditional
         positions = positions_from_padding(attention_mask, stop)
         past = DynamicCache(config=self.config.text_config)
         # On the prefix the VoCo rule equals causal attention: any backend works here, FlashAttention included.
-        LlavaModel.forward(self.model, input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
-                           position_ids=positions, past_key_values=past, use_cache=True, **kwargs)
+        self.model._stock_forward(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                                  position_ids=positions, cache=past, use_cache=True, **kwargs)
         keys, values = gather_voco_kv(past, group)
         metadata = self.voco_cache_metadata()
         if pixel_values is not None and pixel_values.shape[0] == keys.shape[0]:
@@ -499,8 +557,8 @@ class SlimLlavaForConditionalGeneration(SlimGenerationMixin, LlavaForConditional
         return self._voco_generate(voco_cache, *args, **kwargs)
 
     def _voco_generate(self, voco_cache: VoCoCache, input_ids=None, attention_mask=None, **kwargs):
-        if kwargs.get("pixel_values") is not None or kwargs.get("past_key_values") is not None:
-            raise ValueError("voco_cache replaces the image: pass neither pixel_values nor past_key_values with it")
+        if kwargs.get("pixel_values") is not None or pop_cache(kwargs) is not None:
+            raise ValueError("voco_cache replaces the image: pass neither pixel_values nor a KV cache with it")
         if input_ids is None:
             raise ValueError("generate(voco_cache=...) needs input_ids with the text after the VoCo group")
         batch, length = input_ids.shape
@@ -513,11 +571,12 @@ class SlimLlavaForConditionalGeneration(SlimGenerationMixin, LlavaForConditional
         positions = torch.cat([cache.positions.to(device),
                                cache.next_position.to(device)[:, None] + positions_from_padding(text_mask, length)], 1)
         past = cache.to_dynamic_cache(self.model._voco_layer_devices(), dtype=self.get_input_embeddings().weight.dtype)
-        output = super().generate(
+        output = generate_with_cache(
+            super().generate,
+            past,
             input_ids=torch.cat([voco_ids, input_ids], 1),
             attention_mask=torch.cat([torch.ones_like(voco_ids), text_mask], 1),
             position_ids=positions,
-            past_key_values=past,
             **kwargs,
         )
         if isinstance(output, torch.Tensor):
@@ -525,18 +584,20 @@ class SlimLlavaForConditionalGeneration(SlimGenerationMixin, LlavaForConditional
         output.sequences = output.sequences[:, count:]
         return output
 
-    def prepare_inputs_for_generation(self, input_ids, *args, past_key_values=None, attention_mask=None,
+    @with_cache_argument
+    def prepare_inputs_for_generation(self, input_ids, *args, cache=None, attention_mask=None,
                                       inputs_embeds=None, **kwargs):
         """Stock inputs; under VoCo full-mask decoding also the VoCo bounds of the *full* rows, so the
         VoCo positions never drift between steps (the official decode bugs, spec §11).
 
-        `inputs_embeds` is named in the signature: `generate()` inspects it to allow `inputs_embeds`."""
-        model_inputs = super().prepare_inputs_for_generation(
-            input_ids, *args, past_key_values=past_key_values, attention_mask=attention_mask,
+        `inputs_embeds` is named in the signature: `generate()` inspects it to allow `inputs_embeds`. The
+        cache goes to the stock method under the keyword it declares (no deprecation warning per step)."""
+        model_inputs = call_with_cache(
+            super().prepare_inputs_for_generation, input_ids, *args, cache=cache, attention_mask=attention_mask,
             inputs_embeds=inputs_embeds, **kwargs)
         if (
             self.config.compression["method"] == "voco"
-            and not isinstance(model_inputs.get("past_key_values"), VoCoDynamicCache)
+            and not isinstance(generation_cache(model_inputs), VoCoDynamicCache)
             and input_ids is not None
             and input_ids.shape[1] > 0
             and getattr(self.config, "voco_token_id", None) is not None

@@ -22,8 +22,8 @@ from typing import Callable
 
 import torch
 from transformers.cache_utils import DynamicCache
-from transformers.masking_utils import create_causal_mask
 
+from .compat import causal_mask, layer_keys, require_attributes, run_decoder_layer
 from .configuration_slimvlm import SPARSEVLM_BUDGETS, SPARSEVLM_REFERENCE_TOKENS
 
 # Budget tables are defined for LLaVA-1.5's 576 visual tokens (spec §4); other counts are scaled (§9).
@@ -421,19 +421,12 @@ def _segment_starts(layers: list[int]) -> list[int]:
 
 def _segment_mask(language_model, hidden: torch.Tensor, mask2d: torch.Tensor, cache: DynamicCache, layer_idx: int):
     """The library's 4-D causal mask for one segment (sized from that segment's own cache layer)."""
-    return create_causal_mask(
-        config=language_model.config,
-        inputs_embeds=hidden,
-        attention_mask=mask2d,
-        past_key_values=cache,
-        position_ids=None,
-        layer_idx=layer_idx,
-    )
+    return causal_mask(language_model.config, hidden, mask2d, cache, position_ids=None, layer_idx=layer_idx)
 
 
 def _run_layer(layer, hidden, mask, cos_sin, positions, cache, kwargs):
-    out = layer(hidden, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True, position_embeddings=cos_sin, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
+    return run_decoder_layer(layer, hidden, cache=cache, attention_mask=mask, position_ids=positions,
+                             position_embeddings=cos_sin, **kwargs)
 
 
 def _rater_queries(layer, hidden_rows: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -555,7 +548,7 @@ def sparsevlm_prefill(
         prune_layer = end - 1
         step = segment
         sequences, new_positions = [], []
-        keys_all = cache.layers[prune_layer].keys  # [B, H_kv, S, D]: this layer's rotated keys, all current tokens
+        keys_all = layer_keys(cache, prune_layer)[0]  # [B, H_kv, S, D]: this layer's rotated keys, all current tokens
         for b in range(batch):
             real = mask2d[b]
             seq, pos = hidden[b][real], positions[b][real]
@@ -620,7 +613,7 @@ def _make_report(spans, layout, raters, steps, counts_per_step, layers, num_laye
         processed_all.append(processed)
         per_segment = [int(m[b].sum()) for m in cache.segment_masks]
         real_kv.append([per_segment[_segment_of(layer, starts)] for layer in range(num_layers)])
-    kv = [cache.layers[layer].keys.shape[-2] for layer in range(num_layers)]
+    kv = [layer_keys(cache, layer)[0].shape[-2] for layer in range(num_layers)]
     return SparseVLMReport(visual, after_all, processed_all, raters, steps, kv, real_kv)
 
 

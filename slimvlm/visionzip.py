@@ -113,13 +113,24 @@ def visionzip_select(
     return VisionZipSelection(tokens, dominant_indices, rest_positions[:, target_ranks])
 
 
-def resolve_feature_layer(vision_feature_layer, num_layers: int) -> int:
-    """0-based encoder layer whose output is `hidden_states[vision_feature_layer]` (-2 -> layer L-2)."""
+def single_feature_layer(vision_feature_layer):
+    """The one layer index VisionZip scores at: an int, or a one-element list (`[-2]`) as the stock classes accept.
+
+    A list of several layers raises ValueError (stock LLaVA concatenates them; there is no single CLS row).
+    """
+    if isinstance(vision_feature_layer, (list, tuple)) and len(vision_feature_layer) == 1:
+        return vision_feature_layer[0]
     if isinstance(vision_feature_layer, (list, tuple)):
         raise ValueError(
             f"VisionZip needs a single vision_feature_layer, got the list {list(vision_feature_layer)}; "
             "multi-layer feature concatenation has no single CLS attention row to score with"
         )
+    return vision_feature_layer
+
+
+def resolve_feature_layer(vision_feature_layer, num_layers: int) -> int:
+    """0-based encoder layer whose output is `hidden_states[vision_feature_layer]` (-2 -> layer L-2)."""
+    vision_feature_layer = single_feature_layer(vision_feature_layer)
     if num_layers < 2:
         raise ValueError(f"VisionZip needs a vision encoder with at least 2 layers, this one has {num_layers}")
     if not -(num_layers + 1) <= vision_feature_layer <= num_layers:
@@ -156,3 +167,15 @@ def encode_with_visionzip(
             scores, keys = cls_attention_and_keys(layer, hidden_states)
         hidden_states = layer(hidden_states, None)
     return visionzip_select(hidden_states, scores, keys, dominant, contextual)
+
+
+def visionzip_from_hidden_states(
+    vision_tower: nn.Module, hidden_states: tuple[torch.Tensor, ...], feature_layer: int, dominant: int, contextual: int
+) -> VisionZipSelection:
+    """VisionZip on a full tower run's `hidden_states` (embeddings output, then each layer's output).
+
+    Same numbers as `encode_with_visionzip`; used when the caller asked for the tower's hidden states or
+    attentions, so the whole tower runs anyway.
+    """
+    scores, keys = cls_attention_and_keys(vision_tower.encoder.layers[feature_layer], hidden_states[feature_layer])
+    return visionzip_select(hidden_states[feature_layer + 1], scores, keys, dominant, contextual)

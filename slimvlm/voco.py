@@ -34,7 +34,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import DynamicCache
-from transformers.masking_utils import create_causal_mask
+
+from .compat import causal_mask, layer_keys
 
 
 VOCO_TOKEN = "<voco>"
@@ -161,7 +162,7 @@ def build_voco_attention_mask(
     inputs_embeds: torch.Tensor,
     attention_mask: torch.Tensor,
     bounds: VoCoBounds,
-    past_key_values=None,
+    cache=None,
     position_ids: torch.Tensor | None = None,
 ) -> Any:
     """The full VoCo mask in the format the language model's backend expects.
@@ -173,14 +174,8 @@ def build_voco_attention_mask(
     """
     check_mask_backend(getattr(text_config, "_attn_implementation", None), bool(bounds.has_voco.any()))
     bounds = bounds.to(inputs_embeds.device)
-    mask = create_causal_mask(
-        config=text_config,
-        inputs_embeds=inputs_embeds,
-        attention_mask=attention_mask,
-        past_key_values=past_key_values,
-        position_ids=position_ids,
-        and_mask_function=voco_and_mask_function(bounds),
-    )
+    mask = causal_mask(text_config, inputs_embeds, attention_mask, cache, position_ids=position_ids,
+                       and_mask_function=voco_and_mask_function(bounds))
     return unmask_padding_queries(mask, attention_mask[:, -inputs_embeds.shape[1] :].bool())
 
 
@@ -521,17 +516,17 @@ def cache_metadata(
 
 
 def gather_voco_kv(
-    past_key_values, group_indices: torch.Tensor
+    cache, group_indices: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep only the VoCo tokens of a stage-1 cache.
 
-    past_key_values: a cache whose `layers[i].keys/values` are [B, kv_heads, S, head_dim].
+    cache: a cache whose `layers[i].keys/values` are [B, kv_heads, S, head_dim].
     group_indices: [B, K] sequence indices of each row's VoCo group.
     Returns keys, values: [B, layers, kv_heads, K, head_dim] (on layer 0's device).
     """
     keys, values = [], []
-    for layer in past_key_values.layers:
-        k, v = layer.keys, layer.values
+    for layer in range(len(cache.layers)):
+        k, v = layer_keys(cache, layer)
         index = group_indices.to(k.device)[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
         keys.append(torch.gather(k, 2, index))
         values.append(torch.gather(v, 2, index))

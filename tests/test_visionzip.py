@@ -283,9 +283,13 @@ def test_a3_cls_row_heads_summed_and_keys_averaged():
 
 
 def test_list_feature_layer_raises():
-    model = slim_model(visionzip(54, 10), vision_feature_layer=[-2, -1])
+    # Refused when the config is validated (tests/test_conformance.py covers every order of setting) ...
     with pytest.raises(ValueError, match=r"vision_feature_layer.*\[-2, -1\]"):
-        model.model.get_image_features(pixel_values=torch.randn(1, 3, 48, 48))
+        slim_model(visionzip(54, 10), vision_feature_layer=[-2, -1])
+    # ... and when passed to the call.
+    model = slim_model(visionzip(54, 10))
+    with pytest.raises(ValueError, match=r"vision_feature_layer.*\[-2, -1\]"):
+        model.model.get_image_features(pixel_values=torch.randn(1, 3, 48, 48), vision_feature_layer=[-2, -1])
 
 
 def test_tower_with_fewer_than_two_layers_raises():

@@ -1,0 +1,282 @@
+"""The one place where SlimVLM reaches below transformers' public model API.
+
+Shipped with checkpoints (imports only torch and transformers). A checkpoint's remote code runs under
+whatever transformers its user has, so every internal we rely on is reached through this module, adapts
+by feature detection (signatures, dataclass fields), and fails loudly (naming the installed version and
+the tested range) when an assumption stops holding. Never a silent no-op, never a version check.
+
+What we rely on, and how each is guarded:
+- the keyword a decoder layer / `LlavaModel.forward` / `create_causal_mask` / `generate` /
+  `prepare_inputs_for_generation` takes the KV cache under: `past_key_values` (<= 5.23) or `cache`
+  (>= 5.24). Read from each callee's signature (`cache_keyword`); neither name present raises.
+- a decoder-layer call writes its keys into the cache: `run_decoder_layer` checks the cache grew by the
+  query length and raises otherwise (the 5.24 rename made a mis-named keyword a silent no-op).
+- the model output dataclasses name the cache `past_key_values` or `cache`, and the image features
+  `image_hidden_states` (<= 5.23) or `image_outputs` (>= 5.24): read from the dataclass fields.
+- `prepare_inputs_for_generation` returns the cache under one of the two names: `generation_cache`.
+- module attributes (decoder: `self_attn.q_proj`, `input_layernorm`, `rotary_emb`; CLIP: `embeddings`,
+  `pre_layrnorm`, `encoder.layers`, `layer_norm1`; caches: `layers[i].keys/values`): `require_attributes`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import warnings
+from typing import Any, Callable
+
+import torch
+import transformers
+from packaging import version as _version
+from transformers.masking_utils import create_causal_mask as _create_causal_mask
+from transformers.utils.generic import can_return_tuple
+
+# The transformers releases the test suite runs on (CI tests both ends). Keep in step with pyproject.toml.
+TESTED_TRANSFORMERS_MIN = "5.23.0"
+TESTED_TRANSFORMERS_BELOW = "5.25"
+TESTED_RANGE = f">={TESTED_TRANSFORMERS_MIN},<{TESTED_TRANSFORMERS_BELOW}"
+
+CACHE_KEYWORDS = ("cache", "past_key_values")
+
+__all__ = [
+    "TESTED_RANGE",
+    "TransformersCompatError",
+    "cache_keyword",
+    "call_with_cache",
+    "can_return_tuple",
+    "causal_mask",
+    "generate_with_cache",
+    "generation_cache",
+    "model_output",
+    "output_cache",
+    "require_attributes",
+    "run_decoder_layer",
+    "warn_if_untested",
+    "with_cache_argument",
+]
+
+
+class TransformersCompatError(RuntimeError):
+    """A transformers internal no longer behaves as SlimVLM relies on."""
+
+    def __init__(self, message: str):
+        super().__init__(
+            f"{message} (transformers {transformers.__version__}; SlimVLM is tested with transformers {TESTED_RANGE}: "
+            f"install a version in that range, e.g. pip install 'transformers{TESTED_RANGE}')"
+        )
+
+
+class UntestedTransformersWarning(UserWarning):
+    """The installed transformers is outside the range SlimVLM's test suite runs on."""
+
+
+def is_tested_version(installed: str | None = None) -> bool:
+    installed = _version.parse(installed or transformers.__version__)
+    return _version.parse(TESTED_TRANSFORMERS_MIN) <= installed < _version.parse(TESTED_TRANSFORMERS_BELOW)
+
+
+@functools.lru_cache(maxsize=None)
+def warn_if_untested(installed: str | None = None) -> bool:
+    """Warn once per process when the installed transformers is outside the tested range; True if it is."""
+    installed = installed or transformers.__version__
+    if is_tested_version(installed):
+        return False
+    warnings.warn(
+        UntestedTransformersWarning(f"SlimVLM is tested with transformers {TESTED_RANGE}; transformers {installed} is installed. It may work, "
+        "and SlimVLM raises rather than return wrong numbers if an internal it uses has changed; "
+        f"for a tested set-up: pip install 'transformers{TESTED_RANGE}'"),
+        stacklevel=3,
+    )
+    return True
+
+
+# ---- the cache keyword ----------------------------------------------------------------------------------
+
+
+def _parameters(fn: Callable) -> dict:
+    return dict(inspect.signature(fn).parameters)  # follows __wrapped__ through transformers' decorators
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_keyword_of(fn: Callable) -> str:
+    parameters = _parameters(fn)
+    for name in CACHE_KEYWORDS:
+        if name in parameters:
+            return name
+    raise TransformersCompatError(
+        f"{getattr(fn, '__qualname__', fn)} takes its KV cache under neither of {list(CACHE_KEYWORDS)}"
+    )
+
+
+def cache_keyword(fn: Callable) -> str:
+    """The keyword `fn` takes the KV cache under ('cache' from transformers 5.24, 'past_key_values' before)."""
+    return _cache_keyword_of(getattr(fn, "__func__", fn))
+
+
+def call_with_cache(fn: Callable, *args, cache=None, keyword_of: Callable | None = None, **kwargs):
+    """Call `fn(*args, **kwargs)` with `cache` passed under the keyword `fn` (or `keyword_of`) declares."""
+    for name in CACHE_KEYWORDS:
+        if kwargs.get(name) is not None:
+            raise TypeError(f"pass the KV cache as cache=, not {name}= (call_with_cache)")
+        kwargs.pop(name, None)
+    return fn(*args, **{cache_keyword(keyword_of or fn): cache}, **kwargs)
+
+
+def pop_cache(kwargs: dict, value=None):
+    """The cache given under either keyword (removed from `kwargs`); both given raises."""
+    given = {name: kwargs.pop(name) for name in CACHE_KEYWORDS if kwargs.get(name) is not None}
+    if value is not None:
+        given.setdefault("cache", value)
+    if len(given) > 1:
+        raise ValueError("give the KV cache once: as cache= (transformers >= 5.24) or past_key_values= (<= 5.23), not both")
+    for name in CACHE_KEYWORDS:
+        kwargs.pop(name, None)
+    return next(iter(given.values()), None)
+
+
+# The keyword the installed LlavaModel.forward uses: our forward signatures show the same one.
+def _installed_cache_keyword() -> str:
+    from transformers import LlavaModel
+
+    return cache_keyword(LlavaModel.forward)
+
+
+def with_cache_argument(fn: Callable) -> Callable:
+    """Decorate a forward written with a `cache` parameter so it takes the cache under either keyword and
+    shows the installed transformers' keyword in its signature (as the stock forward it replaces does)."""
+    signature = inspect.signature(fn)
+    if "cache" not in signature.parameters:
+        raise TypeError(f"{fn.__qualname__} must declare a `cache` parameter")
+    shown = _installed_cache_keyword()
+    parameters = [p.replace(name=shown) if p.name == "cache" else p for p in signature.parameters.values()]
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if "past_key_values" in kwargs or "cache" in kwargs:
+            kwargs["cache"] = pop_cache(kwargs)
+        return fn(*args, **kwargs)
+
+    wrapper.__signature__ = signature.replace(parameters=parameters)
+    del wrapper.__wrapped__  # inspect must show the adapted signature, not fn's
+    return wrapper
+
+
+# ---- decoder layers, masks, caches -------------------------------------------------------------------------
+
+
+def cached_length(cache, layer_idx: int) -> int:
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        raise TransformersCompatError(f"{type(cache).__name__} has no per-layer `layers` list")
+    if layer_idx >= len(layers):
+        return 0
+    return int(layers[layer_idx].get_seq_length())
+
+
+def run_decoder_layer(layer, hidden_states: torch.Tensor, *, cache, attention_mask, position_ids,
+                      position_embeddings, **kwargs) -> torch.Tensor:
+    """One decoder layer on `hidden_states` [B, q, C], writing its K/V into `cache`; returns [B, q, C].
+
+    Raises `TransformersCompatError` if the call left the cache unchanged (a keyword the layer no longer reads).
+    """
+    layer_idx = getattr(getattr(layer, "self_attn", None), "layer_idx", None)
+    if layer_idx is None:
+        raise TransformersCompatError(f"{type(layer).__name__} has no self_attn.layer_idx")
+    before = cached_length(cache, layer_idx)
+    forward = type(layer).forward
+    out = call_with_cache(layer, hidden_states, cache=cache, keyword_of=forward, attention_mask=attention_mask,
+                          position_ids=position_ids, use_cache=True, position_embeddings=position_embeddings, **kwargs)
+    after = cached_length(cache, layer_idx)
+    if after != before + hidden_states.shape[1]:
+        raise TransformersCompatError(
+            f"{type(layer).__name__}(…, {cache_keyword(forward)}=…) left the KV cache of layer {layer_idx} "
+            f"at {after} tokens, expected {before} + {hidden_states.shape[1]}: the decoder layer no longer writes the cache "
+            "it is given"
+        )
+    return out[0] if isinstance(out, tuple) else out
+
+
+def causal_mask(config, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, cache, **kwargs):
+    """`transformers.masking_utils.create_causal_mask` with the cache under the keyword it declares."""
+    return call_with_cache(_create_causal_mask, config=config, inputs_embeds=inputs_embeds,
+                           attention_mask=attention_mask, cache=cache, **kwargs)
+
+
+def layer_keys(cache, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keys, values) [B, kv_heads, S, head_dim] of one layer of a dynamic cache."""
+    layer = cache.layers[layer_idx]
+    keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+    if not isinstance(keys, torch.Tensor) or not isinstance(values, torch.Tensor):
+        raise TransformersCompatError(
+            f"cache layer {layer_idx} ({type(layer).__name__}) holds no `keys`/`values` tensors"
+        )
+    return keys, values
+
+
+# ---- outputs and generation ---------------------------------------------------------------------------------
+
+
+def _fields(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def model_output(output_class, *, last_hidden_state, cache=None, image_outputs=None, **fields):
+    """An instance of a `Llava*ModelOutputWithPast`-style class in the installed layout.
+
+    image_outputs: the `get_image_features` output (5.24 stores it whole; before, its `pooler_output`
+    went into `image_hidden_states`).
+    """
+    names = _fields(output_class)
+    cache_field = next((n for n in CACHE_KEYWORDS if n in names), None)
+    if cache_field is None:
+        raise TransformersCompatError(f"{output_class.__name__} has no cache field ({list(CACHE_KEYWORDS)})")
+    values = {"last_hidden_state": last_hidden_state, cache_field: cache, **fields}
+    if "image_outputs" in names:
+        values["image_outputs"] = image_outputs
+    elif "image_hidden_states" in names:
+        values["image_hidden_states"] = None if image_outputs is None else image_outputs.pooler_output
+    elif image_outputs is not None:
+        raise TransformersCompatError(f"{output_class.__name__} has no field for image features")
+    return output_class(**values)
+
+
+def output_cache(output):
+    """The cache of a model output, whichever field name the installed transformers uses."""
+    for name in CACHE_KEYWORDS:
+        if name in _fields(type(output)):
+            return getattr(output, name)
+    raise TransformersCompatError(f"{type(output).__name__} has no cache field ({list(CACHE_KEYWORDS)})")
+
+
+def generate_with_cache(generate: Callable, cache, **kwargs):
+    """`generate(..., <cache keyword>=cache)`: `generate` forwards it to `prepare_inputs_for_generation`, whose
+    signature names the keyword."""
+    from transformers.generation.utils import GenerationMixin
+
+    return call_with_cache(generate, cache=cache, keyword_of=GenerationMixin.prepare_inputs_for_generation, **kwargs)
+
+
+def generation_cache(model_inputs: dict):
+    """The cache in a `prepare_inputs_for_generation` result (key 'cache' from 5.24, 'past_key_values' before)."""
+    for name in CACHE_KEYWORDS:
+        if model_inputs.get(name) is not None:
+            return model_inputs[name]
+    return None
+
+
+def require_attributes(module, paths: tuple[str, ...], what: str) -> None:
+    """Raise when `module` lacks any dotted attribute path that `what` relies on."""
+    missing = []
+    for path in paths:
+        target = module
+        for part in path.split("."):
+            target = getattr(target, part, None)
+            if target is None:
+                missing.append(path)
+                break
+    if missing:
+        raise TransformersCompatError(f"{what} needs {type(module).__name__}.{{{', '.join(missing)}}}, which it lacks")
+
+
+warn_if_untested()
