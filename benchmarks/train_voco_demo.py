@@ -3,6 +3,9 @@
     python benchmarks/train_voco_demo.py [--model slimvlm/demo/assets/tiny-shapes-llava] [--num-voco 2]
         [--steps 400] [--minutes 15] [--out benchmarks/results/voco_demo.json] [--save-to DIR]
 
+The bundled VoCo companion (`slimvlm demo`'s VoCo row) is this script's output:
+    python benchmarks/train_voco_demo.py --threads 1 --save-to slimvlm/demo/assets/tiny-shapes-llava-voco
+
 1. Evaluates the uncompressed demo model (576 image tokens, its own prompt) on held-out questions.
 2. Switches it to VoCo (K `<voco>` tokens after the image, image-first prompt, spec §2), redraws the
    `<voco>` row from N(0, initializer_range) and evaluates it *before* fine-tuning (the mask alone
@@ -39,35 +42,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from slimvlm import SlimLlavaForConditionalGeneration, SlimLlavaProcessor  # noqa: E402
 from slimvlm.demo import shapes  # noqa: E402
-from slimvlm.voco import IGNORE_INDEX, VoCoDataCollator, add_voco_token, freeze_vision_tower, voco_prompt_segments  # noqa: E402
+from slimvlm.demo.voco_shapes import evaluate_voco, pad, text_pieces, voco_prefix  # noqa: E402
+from slimvlm.voco import IGNORE_INDEX, add_voco_token, freeze_vision_tower  # noqa: E402
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "slimvlm" / "demo" / "assets" / "tiny-shapes-llava"
-
-
-def text_pieces(tokenizer, question: str, answer: str | None) -> tuple[list[int], list[int]]:
-    """Ids and labels of the text after the VoCo group (no system prompt: the demo vocabulary lacks it)."""
-    segments = voco_prompt_segments([(question, answer)], has_image=False, system_prompt="")
-    segments[0] = ("\n" + segments[0][0], False)  # the second "\n" of the layout (whitespace for this tokenizer)
-    ids, labels = [], []
-    for text, supervised in segments:
-        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
-        ids += piece
-        labels += piece if supervised else [IGNORE_INDEX] * len(piece)
-    return ids, labels
-
-
-def voco_prefix(processor, images, voco_id: int) -> dict:
-    """[BOS, image x N, "\\n", <voco> x K] for each image (cut after the VoCo group; the text brings the next "\\n")."""
-    prefix = processor(text=["<image>\n"] * len(images), images=images, return_tensors="pt")
-    stop = int((prefix["input_ids"] == voco_id).nonzero()[:, 1].max()) + 1
-    return {"input_ids": prefix["input_ids"][:, :stop], "attention_mask": prefix["attention_mask"][:, :stop],
-            "pixel_values": prefix["pixel_values"]}
-
-
-def pad(rows: list[list[int]], value: int, side: str) -> torch.Tensor:
-    length = max(map(len, rows))
-    return torch.tensor([([value] * (length - len(r)) + r) if side == "left" else (r + [value] * (length - len(r)))
-                         for r in rows])
 
 
 def training_batch(processor, seed: int, start: int, images: int, questions: int, rng: np.random.Generator):
@@ -116,32 +94,6 @@ def full_mask_loss(model, processor, pictures, text, questions: int) -> torch.Te
     return model(**batch).loss
 
 
-@torch.no_grad()
-def evaluate_voco(model, processor, samples, batch_size: int = 25, full_mask: bool = False) -> tuple[float, list[str]]:
-    """Greedy exact match; cached two-stage inference (default) or the full masked sequence."""
-    tokenizer = processor.tokenizer
-    predictions = []
-    for i in range(0, len(samples), batch_size):
-        batch = samples[i : i + batch_size]
-        texts = [text_pieces(tokenizer, s.question, None)[0] for s in batch]
-        settings = dict(max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        if full_mask:
-            prefix = voco_prefix(processor, [s.image for s in batch], model.config.voco_token_id)
-            ids = pad([p.tolist() + t for p, t in zip(prefix["input_ids"], texts)], tokenizer.pad_token_id, "left")
-            mask = pad([[1] * (prefix["input_ids"].shape[1] + len(t)) for t in texts], 0, "left")
-            out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=prefix["pixel_values"], **settings)
-            new = out[:, ids.shape[1]:]
-        else:
-            prefix = voco_prefix(processor, [s.image for s in batch], model.config.voco_token_id)
-            cache = model.voco_compress(**prefix)
-            ids = pad(texts, tokenizer.pad_token_id, "left")
-            mask = pad([[1] * len(t) for t in texts], 0, "left")
-            new = model.generate(input_ids=ids, attention_mask=mask, voco_cache=cache, **settings)[:, ids.shape[1]:]
-        predictions += [shapes.normalize_answer(t) for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
-    accuracy = sum(p == s.answer for p, s in zip(predictions, samples)) / max(len(samples), 1)
-    return accuracy, predictions
-
-
 def per_type(samples, predictions) -> dict[str, float]:
     table: dict[str, list[int]] = {}
     for sample, prediction in zip(samples, predictions):
@@ -153,6 +105,37 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
     return 0.5 * peak * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+BUNDLED_FILES = ("config.json", "generation_config.json", "model.safetensors", "processor_config.json",
+                 "tokenizer.json", "tokenizer_config.json")
+
+
+def save_companion(model, processor, folder: Path) -> None:
+    """Write the fine-tuned model as the bundled VoCo companion (slimvlm/demo/assets/tiny-shapes-llava-voco):
+    weights, config, tokenizer and processor config, without the remote-code copies and `auto_map` (the
+    installed package provides the classes). Written to a staging folder and moved into place whole."""
+    import shutil
+    import tempfile
+
+    folder = Path(folder)
+    with tempfile.TemporaryDirectory() as tmp:
+        staging = Path(tmp) / "companion"
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        for name in ("config.json", "processor_config.json"):
+            config = json.loads((staging / name).read_text())
+            config.pop("auto_map", None)
+            if isinstance(config.get("image_processor"), dict):
+                config["image_processor"].pop("auto_map", None)
+            (staging / name).write_text(json.dumps(config, indent=2) + "\n")
+        final = Path(tmp) / "final"
+        final.mkdir()
+        for name in BUNDLED_FILES:
+            shutil.copy2(staging / name, final / name)
+        if folder.exists():
+            shutil.rmtree(folder)
+        shutil.move(str(final), str(folder))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -171,7 +154,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "voco_demo.json")
-    parser.add_argument("--save-to", type=Path, default=None, help="also save the fine-tuned VoCo model here")
+    parser.add_argument("--save-to", type=Path, default=None,
+                        help="also save the fine-tuned model as the bundled VoCo companion here "
+                             "(slimvlm/demo/assets/tiny-shapes-llava-voco; run with --threads 1 to reproduce it bit for bit)")
     args = parser.parse_args(argv)
     if not (args.model / "config.json").exists():
         raise SystemExit(f"no demo model at {args.model}; train it with `python -m slimvlm.demo.train --out {args.model}` "
@@ -258,10 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     os.replace(tmp, args.out)
     if args.save_to is not None:
-        from slimvlm.conversion.voco_export import export_voco_weights
-
-        export_voco_weights(model, args.save_to, mode="full", base_model=str(args.model), processor=processor,
-                            overwrite=True)
+        save_companion(model, processor, args.save_to)
     print(json.dumps(result["accuracy"], indent=2))
     return result
 

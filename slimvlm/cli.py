@@ -1,6 +1,6 @@
 """`slimvlm` command line: demo | generate | convert | export | push.
 
-    slimvlm demo                                   # bundled model, no network: every method at a few budgets
+    slimvlm demo                                   # bundled model, no network: every method, tokens / KV cache / accuracy
     slimvlm demo --image cat.png --question "what color is the circle ?"
     slimvlm generate --model llava-hf/llava-1.5-7b-hf --image cat.png --question "..." \
         --compression '{"method": "visionzip", "tokens": 64}'
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-BUNDLED_MODEL = Path(__file__).parent / "demo" / "assets" / "tiny-shapes-llava"
+from .demo.run import BUNDLED_MODEL  # noqa: E402  (re-exported: the bundled model's folder)
 
 
 def _compression(text: str | None) -> dict | None:
@@ -45,16 +45,6 @@ def load(model_id: str | Path, compression: dict | None = None, dtype: torch.dty
     processor = SlimLlavaProcessor.from_pretrained(model_id, compression=model.config.compression)
     processor.tokenizer.padding_side = "left"
     return model, processor
-
-
-def demo_settings(num_text_layers: int) -> list[tuple[str, dict]]:
-    """(label, compression) pairs the demo runs: the baseline, then each method at a few budgets."""
-    settings = [("none (576 tokens)", {"method": "none"})]
-    for tokens in (192, 64, 16):
-        settings.append((f"visionzip {tokens}", {"method": "visionzip", "tokens": tokens}))
-    for preset in (192, 64):
-        settings.append((f"sparsevlm {preset}", sparsevlm_setting(num_text_layers, preset)))
-    return settings
 
 
 def sparsevlm_setting(num_text_layers: int, preset: int) -> dict:
@@ -105,42 +95,12 @@ def answer(model, processor, images, questions, prompt_builder, max_new_tokens: 
 
 
 def run_demo(args) -> int:
-    from .demo import shapes
+    from .demo.run import run_demo as demo
 
-    torch.manual_seed(0)
-    model_path = args.model or BUNDLED_MODEL
     if not args.model and not (BUNDLED_MODEL / "config.json").exists():
         raise SystemExit(f"the bundled demo model is missing at {BUNDLED_MODEL}; reinstall slimvlm or pass --model")
-    if args.image:
-        from PIL import Image
-
-        images = [Image.open(args.image).convert("RGB")]
-        questions = [args.question or "what color is the circle ?"]
-        expected = [None]
-    else:
-        samples = shapes.make_samples("heldout", args.samples, seed=args.seed, start=10_000)
-        images, questions, expected = [s.image for s in samples], [s.question for s in samples], [s.answer for s in samples]
-    prompt_builder = shapes.build_prompt if not args.model else llava_prompt
-
-    model, processor = load(model_path)
-    print(f"model: {model_path}\n{len(images)} image(s); prefill = vision tower + compression + language model, "
-          f"batch of {len(images)}, median of 3 runs on {torch.get_num_threads()} CPU thread(s)\n")
-    baseline = None
-    for label, compression in demo_settings(model.config.text_config.num_hidden_layers):
-        try:
-            model.set_compression(compression)
-        except ValueError as error:  # e.g. a budget the model's geometry cannot take
-            print(f"== {label}: skipped ({error})\n")
-            continue
-        processor.set_compression(model.config.compression)
-        texts, seconds, outputs = answer(model, processor, images, questions, prompt_builder)
-        baseline = baseline or seconds
-        print(f"== {label}: visual tokens {visual_tokens_kept(model, outputs)}, prefill {seconds * 1e3:.1f} ms "
-              f"({baseline / seconds:.2f}x vs uncompressed)")
-        for question, text, truth in zip(questions, texts, expected):
-            mark = "" if truth is None else ("  [ok]" if shapes.normalize_answer(text) == truth else f"  [expected {truth}]")
-            print(f"   Q: {question}  A: {text}{mark}")
-        print()
+    print(demo(args.model, args.voco_model, samples=args.samples, seed=args.seed, image=args.image,
+               question=args.question))
     return 0
 
 
@@ -203,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", help="another checkpoint (folder or hub id) instead of the bundled one")
     demo.add_argument("--image", help="answer this image instead of generated ones")
     demo.add_argument("--question", help="question about --image")
-    demo.add_argument("--samples", type=int, default=4, help="generated images to answer (default 4)")
+    demo.add_argument("--voco-model", help="a VoCo-trained checkpoint for the VoCo row (default: the bundled companion)")
+    demo.add_argument("--samples", type=int, default=48, help="held-out questions to answer (default 48)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=run_demo)
 

@@ -24,7 +24,7 @@ import dataclasses
 import functools
 import inspect
 import warnings
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import transformers

@@ -484,6 +484,9 @@ def sparsevlm_prefill(
         cache: the filled `SparseVLMCache`.
         report: `SparseVLMReport`.
     """
+    require_attributes(language_model, ("layers", "norm", "rotary_emb", "config"), "SparseVLM")
+    require_attributes(language_model.layers[0], ("input_layernorm", "self_attn.q_proj", "self_attn.head_dim",
+                                                  "self_attn.scaling", "self_attn.layer_idx"), "SparseVLM")
     config = language_model.config
     num_layers = len(language_model.layers)
     layers = list(compression["layers"])

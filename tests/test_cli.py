@@ -94,7 +94,24 @@ def test_demo_sparsevlm_setting_is_valid_for_the_model_depth(depth):
 
 @pytest.mark.skipif(not (BUNDLED_MODEL / "config.json").exists(), reason="bundled demo model not present")
 def test_demo_runs_offline_on_the_bundled_model(capsys):
-    assert main(["demo", "--samples", "2"]) == 0
+    """Every method answers, with its visual tokens, KV cache and accuracy; no prefill timing on the tiny model."""
+    assert main(["demo", "--samples", "4"]) == 0
     out = capsys.readouterr().out
-    assert "none (576 tokens)" in out and "visionzip 64: visual tokens 64" in out
-    assert "x vs uncompressed" in out
+    rows = {line.split("  ")[0].strip(): line for line in out.splitlines() if "KiB (" in line}
+    assert set(rows) == {"none", "visionzip 192", "visionzip 64", "visionzip 16", "sparsevlm (preset 192 budgets)",
+                         "sparsevlm (preset 64 budgets)", "voco K=2 (fine-tuned companion)"}
+    assert "576" in rows["none"] and "(1.00x)" in rows["none"]
+    assert " 64 " in rows["visionzip 64"] and "ET " in rows["sparsevlm (preset 64 budgets)"]
+    assert all(float(line.split()[-1]) >= 0 for line in rows.values())  # an accuracy in every row
+    assert "voco K=2: " in out and "ms" not in out
+
+
+@pytest.mark.skipif(not (BUNDLED_MODEL / "config.json").exists(), reason="bundled demo model not present")
+def test_bundled_voco_companion_loads_whole_and_answers_from_two_cached_tokens():
+    from slimvlm import SlimLlavaForConditionalGeneration
+    from slimvlm.demo.run import BUNDLED_VOCO_MODEL
+
+    model, info = SlimLlavaForConditionalGeneration.from_pretrained(BUNDLED_VOCO_MODEL, output_loading_info=True)
+    assert not any(info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    assert model.config.compression == {"method": "voco", "num_voco_tokens": 2}
+    assert model.config.voco_token_id is not None
