@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from builders import IMAGE_TOKEN_ID, tiny_llava_config  # noqa: E402
 from slimvlm import SlimLlavaConfig, SlimLlavaForConditionalGeneration  # noqa: E402
 from slimvlm.sparsevlm import sparsevlm_flops  # noqa: E402
+from slimvlm.compat import call_with_cache, output_cache  # noqa: E402
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -96,16 +97,17 @@ def run(model, compression, ids, pixels, reps):
                 out = model(input_ids=ids, pixel_values=pixels, use_cache=True)
                 times.append(time.perf_counter() - start)
             peaks.append(rss.peak - rss.start)
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        cache, token = output_cache(out), out.logits[:, -1:].argmax(-1)
         kv = cache_bytes(cache)
         decode = []
         mask = torch.ones(1, ids.shape[1], dtype=torch.long)
         for _ in range(8):
             mask = torch.cat([mask, mask[:, :1]], 1)
             start = time.perf_counter()
-            step = model(input_ids=token, past_key_values=cache, attention_mask=mask, use_cache=True)
+            step = call_with_cache(model, keyword_of=type(model).forward, cache=cache, input_ids=token, attention_mask=mask,
+                                   use_cache=True)
             decode.append(time.perf_counter() - start)
-            cache, token = step.past_key_values, step.logits[:, -1:].argmax(-1)
+            cache, token = output_cache(step), step.logits[:, -1:].argmax(-1)
     text = model.config.text_config
     row = {
         "compression": compression,

@@ -41,6 +41,7 @@ from transformers import CLIPVisionConfig, LlamaConfig  # noqa: E402
 from slimvlm import SlimLlavaConfig, SlimLlavaForConditionalGeneration  # noqa: E402
 from slimvlm.cli import sparsevlm_setting  # noqa: E402
 from slimvlm.visionzip import cls_attention_and_keys, visionzip_select  # noqa: E402
+from slimvlm.compat import output_cache  # noqa: E402
 
 PROMPT_TOKENS = 40  # text tokens around the image (system-free LLaVA-1.5 prompt + a question)
 
@@ -130,7 +131,7 @@ def measure(model, inputs: dict, repeats: int) -> dict:
         times.append(time.perf_counter() - start)
         peaks.append(rss("VmHWM") - before)
     return {"prefill_s": statistics.median(times), "prefill_all_s": times, "peak_rss_growth_bytes": max(peaks),
-            "kv_cache_bytes": kv_bytes(outputs.past_key_values), "outputs": outputs}
+            "kv_cache_bytes": kv_bytes(output_cache(outputs)), "outputs": outputs}
 
 
 @torch.inference_mode()

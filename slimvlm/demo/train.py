@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn  # noqa: E402
 
 from slimvlm.demo import shapes  # noqa: E402
+from slimvlm.compat import call_with_cache, output_cache  # noqa: E402
 
 PATCH = shapes.PATCH  # 8 px
 GRID_PATCHES = shapes.GRID_PATCHES  # 24 -> 576 image tokens, like LLaVA-1.5
@@ -358,12 +359,13 @@ def vqa_loss(model: Any, pre_ids: list[int], feats: torch.Tensor, keep: torch.Te
     pre = lm.get_input_embeddings()(torch.tensor(pre_ids)).unsqueeze(0).expand(n_img, -1, -1)
     n_pre = len(pre_ids)
     prefix_pos = torch.cat([torch.arange(n_pre).expand(n_img, -1), n_pre + keep], dim=1)
-    cache = lm(inputs_embeds=torch.cat([pre, img], dim=1), position_ids=prefix_pos, use_cache=True).past_key_values
+    cache = output_cache(lm(inputs_embeds=torch.cat([pre, img], dim=1), position_ids=prefix_pos, use_cache=True))
     cache.batch_repeat_interleave(q)
     start = n_pre + n_patch
     position_ids = torch.arange(start, start + suffix.shape[1]).unsqueeze(0).expand(suffix.shape[0], -1)
     # Right padding needs no mask: pads come after the supervised positions in a causal model.
-    h = lm(input_ids=suffix, past_key_values=cache, position_ids=position_ids, use_cache=True).last_hidden_state
+    h = call_with_cache(lm, keyword_of=type(lm).forward, cache=cache, input_ids=suffix, position_ids=position_ids,
+                        use_cache=True).last_hidden_state
     h = torch.gather(h, 1, pos.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
     logits = model.lm_head(h).float()
     loss = F.cross_entropy(logits.flatten(0, 1), target.flatten())
