@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from .configuration_slimvlm import sparsevlm_setting
+
 BUNDLED_MODEL = Path(__file__).parent / "demo" / "assets" / "tiny-shapes-llava"
 
 
@@ -55,22 +57,6 @@ def demo_settings(num_text_layers: int) -> list[tuple[str, dict]]:
     for preset in (192, 64):
         settings.append((f"sparsevlm {preset}", sparsevlm_setting(num_text_layers, preset)))
     return settings
-
-
-def sparsevlm_setting(num_text_layers: int, preset: int) -> dict:
-    """The v1.5 preset on a 32-layer language model (where its equal-token count is defined); on other depths the
-    same schedule with its prune layers scaled to the depth and the preset's budgets given explicitly."""
-    from .configuration_slimvlm import SPARSEVLM_BUDGETS, SPARSEVLM_LAYERS
-
-    if num_text_layers == 32:
-        return {"method": "sparsevlm", "version": "1.5", "retained_tokens": preset}
-    layers = []
-    for layer in SPARSEVLM_LAYERS:
-        scaled = min(max(1, round(layer * num_text_layers / 32)), num_text_layers - 1)
-        layers.append(max(scaled, layers[-1] + 1) if layers else scaled)
-    layers = [layer for layer in layers if layer < num_text_layers]
-    budgets = list(SPARSEVLM_BUDGETS["1.5"][preset][: len(layers)])
-    return {"method": "sparsevlm", "version": "1.5", "layers": layers, "budgets": budgets}
 
 
 def visual_tokens_kept(model, outputs) -> str:

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from slimvlm import SlimLlavaForConditionalGeneration, SlimLlavaProcessor
-from slimvlm.cli import BUNDLED_MODEL, build_parser, main, sparsevlm_setting
-from slimvlm.configuration_slimvlm import SPARSEVLM_BUDGETS, normalize_compression
+from slimvlm.cli import BUNDLED_MODEL, build_parser, main
+from slimvlm.configuration_slimvlm import SPARSEVLM_BUDGETS, normalize_compression, sparsevlm_setting
 from slimvlm.conversion.slim_checkpoint import convert_to_slim
 from slimvlm.hub_cards import model_card, push_to_hub
 
@@ -98,3 +98,13 @@ def test_demo_runs_offline_on_the_bundled_model(capsys):
     out = capsys.readouterr().out
     assert "none (576 tokens)" in out and "visionzip 64: visual tokens 64" in out
     assert "x vs uncompressed" in out
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3, 8, 15, 16])
+def test_sparsevlm_preset_on_another_depth_shows_a_setting_that_fits(depth):
+    with pytest.raises(ValueError, match="presets are defined for 32-layer language models") as error:
+        normalize_compression({"method": "sparsevlm", "retained_tokens": 64}, num_text_layers=depth)
+    assert "compression['layers']" not in str(error.value)  # the user never gave layers
+    suggested = json.loads(str(error.value).split("e.g. ")[1])
+    assert suggested == sparsevlm_setting(depth, 64)
+    assert normalize_compression(suggested, num_text_layers=depth)["layers"][-1] < depth
