@@ -176,7 +176,7 @@ def run_export(args) -> int:
 def run_push(args) -> int:
     from .hub_cards import push_to_hub
 
-    url = push_to_hub(args.folder, args.repo_id, private=args.private)
+    url = push_to_hub(args.folder, args.repo_id, private=args.private, base_model=args.base_model)
     print(url)
     return 0
 
@@ -208,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("source")
     convert.add_argument("output")
     convert.add_argument("--compression", required=True, help="JSON compression dict")
-    convert.add_argument("--base-model", help="hub id of the base model for the card (default: source)")
+    convert.add_argument("--base-model", help="Hub id of the base model for the card (default: source, which must "
+                         "then be a Hub id or a folder of the Hub cache)")
     convert.set_defaults(func=run_convert)
 
     export = commands.add_parser("export", help="export VoCo weights (voco-only / full) to safetensors")
@@ -221,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("folder")
     push.add_argument("repo_id")
     push.add_argument("--private", action="store_true")
+    push.add_argument("--base-model", help="Hub id to write as the card's base_model before uploading "
+                      "(needed when the card names a local path)")
     push.set_defaults(func=run_push)
     return parser
 

@@ -11,6 +11,8 @@ from slimvlm.configuration_slimvlm import SPARSEVLM_BUDGETS, normalize_compressi
 from slimvlm.conversion.slim_checkpoint import convert_to_slim
 from slimvlm.hub_cards import model_card, push_to_hub
 
+HUB_ID = "llava-hf/llava-1.5-7b-hf"
+
 
 def test_convert_writes_a_complete_slim_checkpoint(stock_checkpoint, tmp_path):
     out = convert_to_slim(stock_checkpoint, tmp_path / "slim", {"method": "visionzip", "tokens": 64}, base_model="llava-hf/llava-1.5-7b-hf")
@@ -24,6 +26,7 @@ def test_convert_writes_a_complete_slim_checkpoint(stock_checkpoint, tmp_path):
     card = (out / "README.md").read_text()
     assert "pipeline_tag: image-text-to-text" in card and "library_name: transformers" in card
     assert "base_model: llava-hf/llava-1.5-7b-hf" in card and "- visionzip" in card
+    assert "base_model_relation" not in card  # training-free: the base model repacked
     assert "54 dominant" in card and "64 visual tokens per image" in card
     # Nothing but the output folder was created next to it (the staging folder was moved, not copied).
     assert [p.name for p in (tmp_path).iterdir()] == ["slim"]
@@ -38,7 +41,8 @@ def test_convert_writes_a_complete_slim_checkpoint(stock_checkpoint, tmp_path):
 
 def test_convert_with_bad_compression_writes_nothing(stock_checkpoint, tmp_path):
     with pytest.raises(ValueError, match="dominant"):
-        convert_to_slim(stock_checkpoint, tmp_path / "slim", {"method": "visionzip", "dominant": 600, "contextual": 10})
+        convert_to_slim(stock_checkpoint, tmp_path / "slim", {"method": "visionzip", "dominant": 600, "contextual": 10},
+                        base_model=HUB_ID)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -53,7 +57,8 @@ def test_cli_convert_and_generate(stock_checkpoint, tmp_path, capsys):
 
     image = tmp_path / "img.png"
     random_images(1)[0].save(image)
-    assert main(["convert", str(stock_checkpoint), str(tmp_path / "slim"), "--compression", '{"method": "visionzip", "tokens": 32}']) == 0
+    assert main(["convert", str(stock_checkpoint), str(tmp_path / "slim"), "--compression", '{"method": "visionzip", "tokens": 32}',
+                 "--base-model", HUB_ID]) == 0
     assert main(["generate", "--model", str(tmp_path / "slim"), "--image", str(image), "--question", "what is this ?",
                  "--max-new-tokens", "3"]) == 0
     err = capsys.readouterr().err
@@ -62,11 +67,11 @@ def test_cli_convert_and_generate(stock_checkpoint, tmp_path, capsys):
 
 def test_cli_rejects_bad_compression_json(stock_checkpoint, tmp_path):
     with pytest.raises(SystemExit, match="JSON"):
-        main(["convert", str(stock_checkpoint), str(tmp_path / "x"), "--compression", "{method: visionzip}"])
+        main(["convert", str(stock_checkpoint), str(tmp_path / "x"), "--compression", "{method: visionzip}", "--base-model", HUB_ID])
 
 
 def test_model_card_for_trained_voco_weights_says_finetune():
-    card = model_card(base_model="llava-hf/llava-1.5-7b-hf", compression={"method": "voco", "num_voco_tokens": 2}, tokens_per_image=576)
+    card = str(model_card(base_model=HUB_ID, compression={"method": "voco", "num_voco_tokens": 2}, tokens_per_image=576))
     assert "base_model_relation: finetune" in card and "- voco-llama" in card and "2 <voco> token(s)" in card
 
 
@@ -108,3 +113,67 @@ def test_sparsevlm_preset_on_another_depth_shows_a_setting_that_fits(depth):
     suggested = json.loads(str(error.value).split("e.g. ")[1])
     assert suggested == sparsevlm_setting(depth, 64)
     assert normalize_compression(suggested, num_text_layers=depth)["layers"][-1] < depth
+
+
+# ----------------------------------------------------------------------------- model cards
+
+
+def test_card_metadata_validates_with_huggingface_hub():
+    from huggingface_hub import EvalResult, ModelCard
+    from huggingface_hub.utils import validate_repo_id
+
+    result = EvalResult(task_type="image-text-to-text", dataset_type="shapes", dataset_name="tiny shapes",
+                        metric_type="accuracy", metric_value=0.99)
+    card = model_card({"method": "visionzip", "dominant": 54, "contextual": 10}, 64, HUB_ID, eval_results=[result])
+    parsed = ModelCard(str(card))  # the Hub client's own parsing of the YAML front matter and model-index
+    data = parsed.data.to_dict()
+    assert data["library_name"] == "transformers" and data["pipeline_tag"] == "image-text-to-text"
+    validate_repo_id(data["base_model"])
+    assert data["tags"] == ["slimvlm", "visual-token-compression", "llava", "visionzip"]
+    assert "base_model_relation" not in data
+    assert parsed.data.eval_results == [result]
+    assert "| tiny shapes | accuracy | 0.99 |" in parsed.text
+
+
+@pytest.mark.parametrize("compression, relation", [
+    ({"method": "none"}, None),
+    ({"method": "visionzip", "dominant": 54, "contextual": 10}, None),
+    (normalize_compression({"method": "sparsevlm", "retained_tokens": 64}), None),
+    ({"method": "voco", "num_voco_tokens": 1}, "finetune"),
+])
+def test_card_base_model_relation_only_for_trained_weights(compression, relation):
+    from huggingface_hub import ModelCard
+
+    data = ModelCard(str(model_card(compression, 576, HUB_ID))).data
+    assert data.get("base_model_relation") == relation
+
+
+def test_card_refuses_a_local_base_model(tmp_path, monkeypatch):
+    from slimvlm.hub_cards import hub_model_id
+
+    with pytest.raises(ValueError, match="local path, not a Hub model id.*--base-model"):
+        model_card({"method": "none"}, 576, str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my-llava").mkdir()
+    with pytest.raises(ValueError, match="local path"):
+        model_card({"method": "none"}, 576, "my-llava")
+    # a folder of the Hub cache names the repo it came from
+    assert hub_model_id(f"/cache/hub/models--llava-hf--llava-1.5-7b-hf/snapshots/{'0' * 40}") == HUB_ID
+
+
+def test_push_replaces_a_local_base_model_and_uploads(tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub import ModelCard
+
+    folder = tmp_path / "slim"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "README.md").write_text("---\nbase_model: /home/me/llava\npipeline_tag: image-text-to-text\n---\n# old card\n")
+    with pytest.raises(ValueError, match="local path"):
+        push_to_hub(folder, "user/repo")
+    calls = []
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kw: calls.append(repo_id) or f"https://hub/{repo_id}")
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda self, **kw: calls.append(kw["folder_path"]))
+    assert push_to_hub(folder, "user/repo", base_model=HUB_ID) == "https://hub/user/repo"
+    assert calls == ["user/repo", str(folder)]
+    assert ModelCard.load(folder / "README.md").data.base_model == HUB_ID

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..hub_cards import write_model_card
+from ..hub_cards import card_for_model, hub_model_id, write_model_card
 from .atomic import atomic_folder, refuse_existing
 
 
@@ -24,12 +24,13 @@ def convert_to_slim(
 
     Raises:
         FileExistsError: `output` exists and `overwrite` is False.
-        ValueError: `compression` is invalid, or a weight of the model was not found in `source`.
+        ValueError: `base_model` (default `source`) is no Hub id, `compression` is invalid, or a weight of the model was not found in `source`.
     """
     from .. import SlimLlavaForConditionalGeneration, SlimLlavaProcessor
 
     output = Path(output)
     refuse_existing(output, overwrite)
+    base_model = hub_model_id(base_model or source)
     model, info = SlimLlavaForConditionalGeneration.from_pretrained(source, compression=compression, output_loading_info=True)
     if info["missing_keys"] or info["mismatched_keys"]:
         raise ValueError(
@@ -41,6 +42,5 @@ def convert_to_slim(
     with atomic_folder(output) as staging:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
-        write_model_card(staging, base_model=base_model or str(source), compression=model.config.compression,
-                         tokens_per_image=model.image_token_count())
+        write_model_card(staging, card_for_model(model, base_model=base_model))
     return output
