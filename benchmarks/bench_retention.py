@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from slimvlm import SlimLlavaForConditionalGeneration, SlimLlavaProcessor  # noqa: E402
-from slimvlm.cli import BUNDLED_MODEL, sparsevlm_setting  # noqa: E402
+from slimvlm.cli import BUNDLED_MODEL  # noqa: E402
+from slimvlm.configuration_slimvlm import sparsevlm_setting  # noqa: E402
 from slimvlm.demo import shapes  # noqa: E402
 
 BUDGETS = (576, 192, 128, 64, 32, 16)

@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 from transformers import CLIPVisionConfig, LlamaConfig  # noqa: E402
 
 from slimvlm import SlimLlavaConfig, SlimLlavaForConditionalGeneration  # noqa: E402
-from slimvlm.cli import sparsevlm_setting  # noqa: E402
+from slimvlm.configuration_slimvlm import sparsevlm_setting  # noqa: E402
 from slimvlm.visionzip import cls_attention_and_keys, visionzip_select  # noqa: E402
 from slimvlm.compat import output_cache  # noqa: E402
 

@@ -7,60 +7,177 @@
     slimvlm convert llava-hf/llava-1.5-7b-hf out/ --compression '{"method": "visionzip", "tokens": 64}'
     slimvlm export out/voco-model exported/ --mode voco-only
     slimvlm push out/ my-user/llava-1.5-7b-visionzip-64
+
+Bad input ends in one line on stderr naming the problem and the fix, and exit status 1; add --debug to any
+command for the full traceback. Long steps show a progress bar on a terminal (tqdm when installed).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
-from .demo.run import BUNDLED_MODEL  # noqa: E402  (re-exported: the bundled model's folder)
+from .configuration_slimvlm import normalize_compression
+from .demo.run import BUNDLED_MODEL  # noqa: F401  (re-exported: the bundled model's folder)
+
+# (logger, message prefix, how many to show in one command)
+CLI_NOTICES = (
+    # logged at every 8-bit matmul with non-fp16 inputs: dozens per generation
+    ("bitsandbytes.autograd._functions", "MatMul8bitLt: inputs will be cast", 1),
+    # a stock LLaVA checkpoint loaded into the Slim class: what the CLI is for (README: "expected")
+    ("transformers.configuration_utils", "You are using a model of type `llava` to instantiate a model of type `slim_llava`", 0),
+)
+EXAMPLE_COMPRESSION = '{"method": "visionzip", "tokens": 64}'
 
 
 def _compression(text: str | None) -> dict | None:
+    """The --compression JSON, checked on its own (the model's depth and tower are checked when its config loads)."""
     if text is None:
         return None
     try:
         value = json.loads(text)
     except json.JSONDecodeError as error:
-        raise SystemExit(f"--compression must be JSON such as '{{\"method\": \"visionzip\", \"tokens\": 64}}': {error}")
+        raise ValueError(f"--compression must be JSON such as '{EXAMPLE_COMPRESSION}', got {text!r} ({error})") from error
     if not isinstance(value, dict):
-        raise SystemExit(f"--compression must be a JSON object, got {text!r}")
+        raise ValueError(f"--compression must be a JSON object such as '{EXAMPLE_COMPRESSION}', got {text!r}")
+    try:
+        normalize_compression(value)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"--compression: {error}") from error
     return value
 
 
+def check_model_source(source: str | Path, option: str = "model") -> None:
+    """Fail early, in words, on a model argument that is neither a checkpoint folder nor a Hub id."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{option} folder {source} has no config.json; give a checkpoint folder "
+                                    "(config.json + weights) or a Hub id such as llava-hf/llava-1.5-7b-hf")
+        return
+    if path.exists():
+        raise ValueError(f"{option} {source} is a file; give a checkpoint folder or a Hub id such as llava-hf/llava-1.5-7b-hf")
+    try:
+        validate_repo_id(str(source))
+    except HFValidationError:
+        raise FileNotFoundError(f"{option} folder {source} does not exist (and it is no Hub id such as "
+                                "llava-hf/llava-1.5-7b-hf); check the path") from None
+
+
+def check_output(output: str | Path, overwrite: bool, source: str | Path | None = None) -> None:
+    """Fail early on an output folder that exists (without --overwrite), is a file, or is the source itself."""
+    output = Path(output)
+    if source is not None and output.exists() and output.resolve() == Path(source).expanduser().resolve():
+        raise ValueError(f"output folder {output} is the source folder; write to another folder")
+    if output.exists() and not output.is_dir():
+        raise FileExistsError(f"output {output} is a file; give a folder path")
+    if output.exists() and not overwrite:
+        raise FileExistsError(f"output folder {output} already exists; choose another or pass --overwrite to replace it")
+
+
+def open_image(path: str | Path):
+    """The image at `path` as RGB, or one clear error when it is missing or not an image."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"image {path} does not exist; give the path of an image file (PNG, JPEG, ...)")
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:  # PIL raises SyntaxError on some broken files
+        raise ValueError(f"image {path} cannot be read ({error}); give a PNG, JPEG or other image file PIL can open") from error
+
+
+class Progress:
+    """The steps of one long command on stderr: a tqdm bar when tqdm is installed, else one line per step.
+
+    Shown only when stderr is a terminal (or `enabled=True`), so pipes, logs and tests stay quiet.
+    Call it with a description when a step begins.
+    """
+
+    def __init__(self, steps: int, enabled: bool | None = None):
+        self.steps, self.started, self.bar = steps, 0, None
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        if self.enabled:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                return
+            self.bar = tqdm(total=steps, file=sys.stderr, leave=False, bar_format="{desc} |{bar}| {n}/{total} [{elapsed}]")
+
+    def __call__(self, description: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            print(f"[{self.started + 1}/{self.steps}] {description} ...", file=sys.stderr, flush=True)
+        else:
+            self.bar.update(1 if self.started else 0)
+            self.bar.set_description_str(description)
+        self.started += 1
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class _Repeats(logging.Filter):
+    """Drops the records whose message starts with `prefix` once `keep` of them have passed."""
+
+    def __init__(self, prefix: str, keep: int):
+        super().__init__()
+        self.prefix, self.keep = prefix, keep
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.getMessage().startswith(self.prefix):
+            return True
+        self.keep -= 1
+        return self.keep >= 0
+
+
+@contextmanager
+def fewer_notices() -> Iterator[None]:
+    """While a command runs, show the log notices of CLI_NOTICES at most as often as they say (filters are
+    added to those loggers on entry and removed on exit)."""
+    filters = [(logging.getLogger(name), _Repeats(prefix, keep)) for name, prefix, keep in CLI_NOTICES]
+    for logger, notice_filter in filters:
+        logger.addFilter(notice_filter)
+    try:
+        yield
+    finally:
+        for logger, notice_filter in filters:
+            logger.removeFilter(notice_filter)
+
+
 def load(model_id: str | Path, compression: dict | None = None, dtype: torch.dtype = torch.float32):
-    """A Slim model and processor from a stock or Slim checkpoint (local folder or hub id)."""
-    from . import SlimLlavaForConditionalGeneration, SlimLlavaProcessor
+    """A Slim model and processor from a stock or Slim checkpoint (local folder or hub id).
+
+    The compression is checked against the model's config (depth, vision tower) before any weight loads."""
+    from . import SlimLlavaConfig, SlimLlavaForConditionalGeneration, SlimLlavaProcessor
 
     # Passing compression=None would reset a slim checkpoint's own setting to "none": only pass what was asked.
     overrides = {} if compression is None else {"compression": compression}
-    model = SlimLlavaForConditionalGeneration.from_pretrained(model_id, dtype=dtype, **overrides).eval()
+    config = SlimLlavaConfig.from_pretrained(model_id, **overrides)
+    model = SlimLlavaForConditionalGeneration.from_pretrained(model_id, config=config, dtype=dtype).eval()
     processor = SlimLlavaProcessor.from_pretrained(model_id, compression=model.config.compression)
     processor.tokenizer.padding_side = "left"
     return model, processor
 
 
-def sparsevlm_setting(num_text_layers: int, preset: int) -> dict:
-    """The v1.5 preset on a 32-layer language model (where its equal-token count is defined); on other depths the
-    same schedule with its prune layers scaled to the depth and the preset's budgets given explicitly."""
-    from .configuration_slimvlm import SPARSEVLM_BUDGETS, SPARSEVLM_LAYERS
-
-    if num_text_layers == 32:
-        return {"method": "sparsevlm", "version": "1.5", "retained_tokens": preset}
-    layers = []
-    for layer in SPARSEVLM_LAYERS:
-        scaled = min(max(1, round(layer * num_text_layers / 32)), num_text_layers - 1)
-        layers.append(max(scaled, layers[-1] + 1) if layers else scaled)
-    layers = [layer for layer in layers if layer < num_text_layers]
-    budgets = list(SPARSEVLM_BUDGETS["1.5"][preset][: len(layers)])
-    return {"method": "sparsevlm", "version": "1.5", "layers": layers, "budgets": budgets}
 
 
 def visual_tokens_kept(model, outputs) -> str:
@@ -98,7 +215,12 @@ def run_demo(args) -> int:
     from .demo.run import run_demo as demo
 
     if not args.model and not (BUNDLED_MODEL / "config.json").exists():
-        raise SystemExit(f"the bundled demo model is missing at {BUNDLED_MODEL}; reinstall slimvlm or pass --model")
+        raise FileNotFoundError(f"the bundled demo model is missing at {BUNDLED_MODEL}; reinstall slimvlm or pass --model")
+    for option, source in (("--model", args.model), ("--voco-model", args.voco_model)):
+        if source is not None:
+            check_model_source(source, option)
+    if args.image:
+        open_image(args.image)  # a missing or unreadable image fails here, before any model loads
     print(demo(args.model, args.voco_model, samples=args.samples, seed=args.seed, image=args.image,
                question=args.question))
     return 0
@@ -120,11 +242,15 @@ def default_prompt(model, question: str) -> str:
 
 
 def run_generate(args) -> int:
-    from PIL import Image
-
-    model, processor = load(args.model, _compression(args.compression), dtype=getattr(torch, args.dtype))
-    prompt = args.prompt or default_prompt(model, args.question)
-    texts, seconds, outputs = answer(model, processor, [Image.open(args.image).convert("RGB")], [args.question], lambda q: prompt, args.max_new_tokens)
+    compression = _compression(args.compression)
+    check_model_source(args.model, "--model")
+    image = open_image(args.image)
+    with Progress(2) as progress:
+        progress(f"loading {args.model}")
+        model, processor = load(args.model, compression, dtype=getattr(torch, args.dtype))
+        progress("generating")
+        prompt = args.prompt or default_prompt(model, args.question)
+        texts, seconds, outputs = answer(model, processor, [image], [args.question], lambda q: prompt, args.max_new_tokens)
     print(texts[0])
     print(f"[visual tokens {visual_tokens_kept(model, outputs)}, prefill {seconds * 1e3:.1f} ms]", file=sys.stderr)
     return 0
@@ -133,16 +259,41 @@ def run_generate(args) -> int:
 def run_convert(args) -> int:
     from .conversion.slim_checkpoint import convert_to_slim
 
-    folder = convert_to_slim(args.source, args.output, _compression(args.compression), base_model=args.base_model)
+    compression = _compression(args.compression)
+    check_model_source(args.source, "source")
+    check_output(args.output, args.overwrite, source=args.source)
+    with Progress(3) as progress:
+        folder = convert_to_slim(args.source, args.output, compression, base_model=args.base_model,
+                                 overwrite=args.overwrite, progress=progress)
     print(f"wrote {folder}")
     return 0
 
 
 def run_export(args) -> int:
+    from . import SlimLlavaConfig, SlimLlavaForConditionalGeneration
     from .conversion import voco_export
 
-    model, _ = load(args.model)
-    folder = voco_export.export_voco_weights(model, args.output, mode=args.mode)
+    check_model_source(args.model)
+    if (args.mode == "delta") != (args.base is not None):
+        raise ValueError("--mode delta needs --base BASE (the checkpoint the model was fine-tuned from), "
+                         "and --base is only used with --mode delta")
+    if args.base is not None:
+        check_model_source(args.base, "--base")
+    check_output(args.output, args.overwrite, source=args.model)
+    config = SlimLlavaConfig.from_pretrained(args.model)
+    if config.voco_token_id is None:
+        raise ValueError(f"{args.model} is not a VoCo checkpoint (config.voco_token_id is None, compression "
+                         f"{config.compression}); export needs one: slimvlm.voco.add_voco_token, then VoCo training")
+    with Progress(3 if args.base else 2) as progress:
+        progress(f"loading {args.model}")
+        model, processor = load(args.model)
+        base_state = None
+        if args.base is not None:
+            progress(f"loading {args.base}")
+            base_state = SlimLlavaForConditionalGeneration.from_pretrained(args.base, dtype=model.dtype).state_dict()
+        progress(f"exporting ({args.mode}) to {args.output}")
+        folder = voco_export.export_voco_weights(model, args.output, mode=args.mode, base_model=args.base or "",
+                                                 processor=processor, overwrite=args.overwrite, base_state_dict=base_state)
     print(f"wrote {folder}")
     return 0
 
@@ -150,16 +301,24 @@ def run_export(args) -> int:
 def run_push(args) -> int:
     from .hub_cards import push_to_hub
 
-    url = push_to_hub(args.folder, args.repo_id, private=args.private)
+    with Progress(3) as progress:
+        url = push_to_hub(args.folder, args.repo_id, private=args.private, base_model=args.base_model, progress=progress)
     print(url)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .conversion.voco_export import EXPORT_MODES
+
     parser = argparse.ArgumentParser(prog="slimvlm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the full traceback of an error instead of one line")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    demo = commands.add_parser("demo", help="answer a few images with every method, bundled model, no network")
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help, parents=[common])
+
+    demo = command("demo", help="answer a few images with every method, bundled model, no network")
     demo.add_argument("--model", help="another checkpoint (folder or hub id) instead of the bundled one")
     demo.add_argument("--image", help="answer this image instead of generated ones")
     demo.add_argument("--question", help="question about --image")
@@ -168,41 +327,66 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=run_demo)
 
-    generate = commands.add_parser("generate", help="answer one image with one compression setting")
+    generate = command("generate", help="answer one image with one compression setting")
     generate.add_argument("--model", required=True)
     generate.add_argument("--image", required=True)
     generate.add_argument("--question", required=True)
     generate.add_argument("--prompt", help="full prompt with <image> (default: LLaVA-1.5 'USER: <image>\\n{question} ASSISTANT:'; "
                           "the VoCo layout of slimvlm.voco.build_voco_prompt for a VoCo model)")
-    generate.add_argument("--compression", help='JSON, e.g. \'{"method": "visionzip", "tokens": 64}\'')
+    generate.add_argument("--compression", help=f"JSON, e.g. '{EXAMPLE_COMPRESSION}'")
     generate.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     generate.add_argument("--max-new-tokens", type=int, default=32)
     generate.set_defaults(func=run_generate)
 
-    convert = commands.add_parser("convert", help="stock LLaVA checkpoint -> slim checkpoint (safetensors, remote code, card)")
+    convert = command("convert", help="stock LLaVA checkpoint -> slim checkpoint (safetensors, remote code, card)")
     convert.add_argument("source")
     convert.add_argument("output")
     convert.add_argument("--compression", required=True, help="JSON compression dict")
-    convert.add_argument("--base-model", help="hub id of the base model for the card (default: source)")
+    convert.add_argument("--base-model", help="Hub id of the base model for the card (default: source, which must "
+                         "then be a Hub id or a folder of the Hub cache)")
+    convert.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     convert.set_defaults(func=run_convert)
 
-    export = commands.add_parser("export", help="export VoCo weights (voco-only / full) to safetensors")
+    export = command("export", help="export VoCo weights (voco-only / full / delta) to safetensors")
     export.add_argument("model")
     export.add_argument("output")
-    export.add_argument("--mode", default="voco-only", choices=["voco-only", "full"])
+    export.add_argument("--mode", default="voco-only", choices=list(EXPORT_MODES),
+                        help="voco-only: <voco> rows + projector; full: the whole model too; delta: fine-tuned - base "
+                             "for every LLM tensor (needs --base)")
+    export.add_argument("--base", help="with --mode delta: the checkpoint (folder or Hub id) the model was fine-tuned from")
+    export.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     export.set_defaults(func=run_export)
 
-    push = commands.add_parser("push", help="upload a slim checkpoint folder (with its card) to the Hub")
+    push = command("push", help="upload a slim checkpoint folder (with its card) to the Hub")
     push.add_argument("folder")
     push.add_argument("repo_id")
     push.add_argument("--private", action="store_true")
+    push.add_argument("--base-model", help="Hub id to write as the card's base_model before uploading "
+                      "(needed when the card names a local path)")
     push.set_defaults(func=run_push)
     return parser
 
 
+def one_line(error: BaseException) -> str:
+    """An exception as one line: its message with line breaks folded; the type too when it is not a plain
+    input error (ValueError, TypeError, OSError), with a hint to look at the traceback."""
+    message = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, (ValueError, TypeError, OSError)):
+        return message
+    return f"{type(error).__name__}: {message} (unexpected: rerun with --debug for the traceback)"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; an error ends in one line on stderr and exit status 1 (--debug: the traceback)."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        with fewer_notices():
+            return args.func(args)
+    except Exception as error:
+        if args.debug:
+            raise
+        print(f"slimvlm {args.command}: error: {one_line(error)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -110,6 +110,24 @@ def _normalize_visionzip(compression: dict, tokens_per_view: int | None, vision_
     return {"method": "visionzip", "dominant": dominant, "contextual": contextual}
 
 
+def sparsevlm_setting(num_text_layers: int, preset: int, version: str = "1.5") -> dict:
+    """A SparseVLM `retained_tokens` preset for a language model of `num_text_layers` layers.
+
+    The presets are defined for 32-layer models (prune layers 2, 6, 15): there the preset itself is returned;
+    on other depths, the same schedule with its prune layers scaled to the depth (strictly increasing, below
+    the depth) and the preset's budgets given explicitly.
+    """
+    if num_text_layers == 32:
+        return {"method": "sparsevlm", "version": version, "retained_tokens": preset}
+    layers: list[int] = []
+    for layer in SPARSEVLM_LAYERS:
+        scaled = min(max(1, round(layer * num_text_layers / 32)), num_text_layers - 1)
+        layers.append(max(scaled, layers[-1] + 1) if layers else scaled)
+    layers = [layer for layer in layers if layer < num_text_layers]
+    budgets = list(SPARSEVLM_BUDGETS[version][preset][: len(layers)])
+    return {"method": "sparsevlm", "version": version, "layers": layers, "budgets": budgets}
+
+
 def _normalize_sparsevlm(compression: dict, num_layers: int | None) -> dict:
     allowed = {"version", "retained_tokens", "layers", "budgets", "budget_fractions", "num_priority_heads", "seed"}
     _check_keys(compression, "sparsevlm", allowed)
@@ -135,6 +153,19 @@ def _normalize_sparsevlm(compression: dict, num_layers: int | None) -> dict:
                 f"allowed: {sorted(SPARSEVLM_BUDGETS[version])} (or give explicit 'layers' + 'budgets')"
             )
         out["retained_tokens"] = preset
+    # A preset on another depth: say so, and show an explicit schedule that fits (instead of blaming
+    # `layers` the user never gave).
+    preset_elsewhere = preset is not None and layers is None and num_layers not in (None, 32)
+    if preset_elsewhere:
+        fitting = sparsevlm_setting(num_layers, preset, version)
+        fitting_hint = (
+            f"SparseVLM presets are defined for 32-layer language models (prune layers {list(SPARSEVLM_LAYERS)}); "
+            f"give explicit 'layers' and 'budgets' that fit this {num_layers}-layer model instead, e.g. "
+            f"{{\"method\": \"sparsevlm\", \"version\": \"{version}\", \"layers\": {fitting['layers']}, "
+            f"\"budgets\": {fitting['budgets']}}}"
+        )
+        if SPARSEVLM_LAYERS[-1] >= num_layers:
+            raise ValueError(f"compression['retained_tokens'] = {preset} cannot be used as is: {fitting_hint}")
     layers = SPARSEVLM_LAYERS if layers is None else layers
     if not isinstance(layers, (list, tuple)) or not layers or not all(_is_int(x) for x in layers):
         raise TypeError(f"compression['layers'] for 'sparsevlm' must be a non-empty list of integers, got {layers!r}")
@@ -154,7 +185,7 @@ def _normalize_sparsevlm(compression: dict, num_layers: int | None) -> dict:
             f"{num_layers}-layer language model: the {layers[0]} layer(s) before the first prune keep all "
             f"{SPARSEVLM_REFERENCE_TOKENS} tokens, "
             f"so the equal-token count is at least {layers[0] * SPARSEVLM_REFERENCE_TOKENS / num_layers:g}; "
-            "prune earlier or choose a larger preset"
+            + (fitting_hint if preset_elsewhere else "prune earlier or choose a larger preset")
         )
     if preset is not None and steps != len(SPARSEVLM_BUDGETS[version][preset]):
         raise ValueError(

@@ -26,9 +26,12 @@ WORDS = (
 ).split()
 
 
-def make_tokenizer() -> PreTrainedTokenizerFast:
-    """Word-level tokenizer: ids 0-5 are <pad> <s> </s> <unk> <image> <voco>, then WORDS and '\\n'."""
-    vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS + WORDS + ["\n"])}
+def make_tokenizer(voco: bool = True) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer: ids 0-5 are <pad> <s> </s> <unk> <image> <voco>, then WORDS and '\\n'.
+
+    voco=False: id 5 is a plain `<unused>` word instead, as in a base checkpoint before `add_voco_token`."""
+    specials = SPECIAL_TOKENS if voco else [token if token != "<voco>" else "<unused>" for token in SPECIAL_TOKENS]
+    vocab = {token: index for index, token in enumerate(specials + WORDS + ["\n"])}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Split("\n", behavior="isolated"), pre_tokenizers.WhitespaceSplit()]
@@ -41,7 +44,7 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
         unk_token="<unk>",
         extra_special_tokens={"image_token": "<image>"},
     )
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", "<voco>"]})
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", "<voco>"] if voco else ["<image>"]})
     return tokenizer
 
 
@@ -95,7 +98,7 @@ def tiny_stock_model(seed: int = 0, **config_kwargs) -> LlavaForConditionalGener
     return LlavaForConditionalGeneration(tiny_llava_config(**config_kwargs)).eval()
 
 
-def make_processor(image_size: int = 48, patch_size: int = 2) -> LlavaProcessor:
+def make_processor(image_size: int = 48, patch_size: int = 2, voco: bool = True) -> LlavaProcessor:
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": image_size},
         crop_size={"height": image_size, "width": image_size},
@@ -103,18 +106,18 @@ def make_processor(image_size: int = 48, patch_size: int = 2) -> LlavaProcessor:
     )
     return LlavaProcessor(
         image_processor=image_processor,
-        tokenizer=make_tokenizer(),
+        tokenizer=make_tokenizer(voco),
         patch_size=patch_size,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
     )
 
 
-def save_stock_checkpoint(folder: Path, seed: int = 0, **config_kwargs) -> Path:
-    """Write a stock llava-hf style checkpoint (model + processor) to `folder`."""
+def save_stock_checkpoint(folder: Path, seed: int = 0, voco: bool = True, **config_kwargs) -> Path:
+    """Write a stock llava-hf style checkpoint (model + processor) to `folder` (voco: see make_tokenizer)."""
     model = tiny_stock_model(seed, **config_kwargs)
     model.save_pretrained(folder)
-    make_processor(model.config.vision_config.image_size, model.config.vision_config.patch_size).save_pretrained(folder)
+    make_processor(model.config.vision_config.image_size, model.config.vision_config.patch_size, voco).save_pretrained(folder)
     return Path(folder)
 
 

@@ -1,15 +1,23 @@
 """The `slimvlm` command line, stock -> slim conversion, and model cards."""
 
 import json
+import logging
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
+from builders import random_images, save_stock_checkpoint
 
 from slimvlm import SlimLlavaForConditionalGeneration, SlimLlavaProcessor
-from slimvlm.cli import BUNDLED_MODEL, build_parser, main, sparsevlm_setting
-from slimvlm.configuration_slimvlm import SPARSEVLM_BUDGETS, normalize_compression
+from slimvlm.cli import BUNDLED_MODEL, CLI_NOTICES, Progress, build_parser, fewer_notices, main
+from slimvlm.configuration_slimvlm import SPARSEVLM_BUDGETS, normalize_compression, sparsevlm_setting
 from slimvlm.conversion.slim_checkpoint import convert_to_slim
 from slimvlm.hub_cards import model_card, push_to_hub
+
+HUB_ID = "llava-hf/llava-1.5-7b-hf"
 
 
 def test_convert_writes_a_complete_slim_checkpoint(stock_checkpoint, tmp_path):
@@ -24,6 +32,7 @@ def test_convert_writes_a_complete_slim_checkpoint(stock_checkpoint, tmp_path):
     card = (out / "README.md").read_text()
     assert "pipeline_tag: image-text-to-text" in card and "library_name: transformers" in card
     assert "base_model: llava-hf/llava-1.5-7b-hf" in card and "- visionzip" in card
+    assert "base_model_relation" not in card  # training-free: the base model repacked
     assert "54 dominant" in card and "64 visual tokens per image" in card
     # Nothing but the output folder was created next to it (the staging folder was moved, not copied).
     assert [p.name for p in (tmp_path).iterdir()] == ["slim"]
@@ -38,7 +47,8 @@ def test_convert_writes_a_complete_slim_checkpoint(stock_checkpoint, tmp_path):
 
 def test_convert_with_bad_compression_writes_nothing(stock_checkpoint, tmp_path):
     with pytest.raises(ValueError, match="dominant"):
-        convert_to_slim(stock_checkpoint, tmp_path / "slim", {"method": "visionzip", "dominant": 600, "contextual": 10})
+        convert_to_slim(stock_checkpoint, tmp_path / "slim", {"method": "visionzip", "dominant": 600, "contextual": 10},
+                        base_model=HUB_ID)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -53,20 +63,16 @@ def test_cli_convert_and_generate(stock_checkpoint, tmp_path, capsys):
 
     image = tmp_path / "img.png"
     random_images(1)[0].save(image)
-    assert main(["convert", str(stock_checkpoint), str(tmp_path / "slim"), "--compression", '{"method": "visionzip", "tokens": 32}']) == 0
+    assert main(["convert", str(stock_checkpoint), str(tmp_path / "slim"), "--compression", '{"method": "visionzip", "tokens": 32}',
+                 "--base-model", HUB_ID]) == 0
     assert main(["generate", "--model", str(tmp_path / "slim"), "--image", str(image), "--question", "what is this ?",
                  "--max-new-tokens", "3"]) == 0
     err = capsys.readouterr().err
     assert "visual tokens 32" in err
 
 
-def test_cli_rejects_bad_compression_json(stock_checkpoint, tmp_path):
-    with pytest.raises(SystemExit, match="JSON"):
-        main(["convert", str(stock_checkpoint), str(tmp_path / "x"), "--compression", "{method: visionzip}"])
-
-
 def test_model_card_for_trained_voco_weights_says_finetune():
-    card = model_card(base_model="llava-hf/llava-1.5-7b-hf", compression={"method": "voco", "num_voco_tokens": 2}, tokens_per_image=576)
+    card = str(model_card(base_model=HUB_ID, compression={"method": "voco", "num_voco_tokens": 2}, tokens_per_image=576))
     assert "base_model_relation: finetune" in card and "- voco-llama" in card and "2 <voco> token(s)" in card
 
 
@@ -115,3 +121,283 @@ def test_bundled_voco_companion_loads_whole_and_answers_from_two_cached_tokens()
     assert not any(info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys"))
     assert model.config.compression == {"method": "voco", "num_voco_tokens": 2}
     assert model.config.voco_token_id is not None
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3, 8, 15, 16])
+def test_sparsevlm_preset_on_another_depth_shows_a_setting_that_fits(depth):
+    with pytest.raises(ValueError, match="presets are defined for 32-layer language models") as error:
+        normalize_compression({"method": "sparsevlm", "retained_tokens": 64}, num_text_layers=depth)
+    assert "compression['layers']" not in str(error.value)  # the user never gave layers
+    suggested = json.loads(str(error.value).split("e.g. ")[1])
+    assert suggested == sparsevlm_setting(depth, 64)
+    assert normalize_compression(suggested, num_text_layers=depth)["layers"][-1] < depth
+
+
+# ----------------------------------------------------------------------------- model cards
+
+
+def test_card_metadata_validates_with_huggingface_hub():
+    from huggingface_hub import EvalResult, ModelCard
+    from huggingface_hub.utils import validate_repo_id
+
+    result = EvalResult(task_type="image-text-to-text", dataset_type="shapes", dataset_name="tiny shapes",
+                        metric_type="accuracy", metric_value=0.99)
+    card = model_card({"method": "visionzip", "dominant": 54, "contextual": 10}, 64, HUB_ID, eval_results=[result])
+    parsed = ModelCard(str(card))  # the Hub client's own parsing of the YAML front matter and model-index
+    data = parsed.data.to_dict()
+    assert data["library_name"] == "transformers" and data["pipeline_tag"] == "image-text-to-text"
+    validate_repo_id(data["base_model"])
+    assert data["tags"] == ["slimvlm", "visual-token-compression", "llava", "visionzip"]
+    assert "base_model_relation" not in data
+    assert parsed.data.eval_results == [result]
+    assert "| tiny shapes | accuracy | 0.99 |" in parsed.text
+
+
+@pytest.mark.parametrize("compression, relation", [
+    ({"method": "none"}, None),
+    ({"method": "visionzip", "dominant": 54, "contextual": 10}, None),
+    (normalize_compression({"method": "sparsevlm", "retained_tokens": 64}), None),
+    ({"method": "voco", "num_voco_tokens": 1}, "finetune"),
+])
+def test_card_base_model_relation_only_for_trained_weights(compression, relation):
+    from huggingface_hub import ModelCard
+
+    data = ModelCard(str(model_card(compression, 576, HUB_ID))).data
+    assert data.get("base_model_relation") == relation
+
+
+def test_card_refuses_a_local_base_model(tmp_path, monkeypatch):
+    from slimvlm.hub_cards import hub_model_id
+
+    with pytest.raises(ValueError, match="local path, not a Hub model id.*--base-model"):
+        model_card({"method": "none"}, 576, str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my-llava").mkdir()
+    with pytest.raises(ValueError, match="local path"):
+        model_card({"method": "none"}, 576, "my-llava")
+    # a folder of the Hub cache names the repo it came from
+    assert hub_model_id(f"/cache/hub/models--llava-hf--llava-1.5-7b-hf/snapshots/{'0' * 40}") == HUB_ID
+
+
+def test_push_replaces_a_local_base_model_and_uploads(tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub import ModelCard
+
+    folder = tmp_path / "slim"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "README.md").write_text("---\nbase_model: /home/me/llava\npipeline_tag: image-text-to-text\n---\n# old card\n")
+    with pytest.raises(ValueError, match="local path"):
+        push_to_hub(folder, "user/repo")
+    calls = []
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kw: calls.append(repo_id) or f"https://hub/{repo_id}")
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda self, **kw: calls.append(kw["folder_path"]))
+    assert push_to_hub(folder, "user/repo", base_model=HUB_ID) == "https://hub/user/repo"
+    assert calls == ["user/repo", str(folder)]
+    assert ModelCard.load(folder / "README.md").data.base_model == HUB_ID
+
+
+# ----------------------------------------------------------------------- bad input: one line
+
+
+@pytest.fixture(scope="module")
+def cli_inputs(stock_checkpoint, tmp_path_factory):
+    """Paths for the bad-input table: a good and a corrupt image, an existing folder, a checkpoint whose tokenizer
+    has no <voco>, checkpoint folders without a card and with a card naming a local base model."""
+    root = tmp_path_factory.mktemp("cli_inputs")
+    random_images(1)[0].save(root / "img.png")
+    (root / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not an image")
+    (root / "existing").mkdir()
+    save_stock_checkpoint(root / "no_voco", voco=False)
+    for name in ("no_card", "local_card"):
+        (root / name).mkdir()
+        (root / name / "config.json").write_text("{}")
+    (root / "local_card" / "README.md").write_text("---\nbase_model: /home/me/llava\npipeline_tag: image-text-to-text\n---\n")
+    return {"stock": str(stock_checkpoint), **{name: str(root / name) for name in
+            ("img.png", "corrupt.png", "existing", "no_voco", "no_card", "local_card", "missing.png", "nowhere", "new")}}
+
+
+@pytest.fixture
+def no_weights_load(monkeypatch):
+    """Bad input must be caught before any weights load."""
+    def refuse(cls, *args, **kwargs):
+        raise AssertionError("weights were loaded before the input was checked")
+
+    monkeypatch.setattr(SlimLlavaForConditionalGeneration, "from_pretrained", classmethod(refuse))
+
+
+def generate(p, model="stock", image="img.png", *extra):
+    return ["generate", "--model", p[model], "--image", p[image], "--question", "what is this ?", *extra]
+
+
+def convert(p, compression, source="stock", output="new", *extra):
+    return ["convert", p[source], p[output], "--compression", compression, *extra]
+
+
+VISIONZIP = '{"method": "visionzip", "tokens": 32}'
+BAD_INPUT = [
+    pytest.param(lambda p: generate(p, "stock", "img.png", "--compression", "{method: visionzip}"),
+                 r"--compression must be JSON such as", id="compression-not-json"),
+    pytest.param(lambda p: generate(p, "stock", "img.png", "--compression", "[64]"),
+                 r"--compression must be a JSON object", id="compression-not-an-object"),
+    pytest.param(lambda p: generate(p, "stock", "img.png", "--compression", '{"method": "zip"}'),
+                 r"compression\['method'\] must be one of \['none', 'visionzip', 'sparsevlm', 'voco'\], got 'zip'",
+                 id="compression-unknown-method"),
+    pytest.param(lambda p: generate(p, "stock", "img.png", "--compression", '{"method": "visionzip", "tokens": "64"}'),
+                 r"compression\['tokens'\] .* must be an integer", id="compression-wrong-type"),
+    pytest.param(lambda p: generate(p, "stock", "img.png", "--compression", '{"method": "visionzip", "dominant": 600, "contextual": 10}'),
+                 r"exceeds the 577 tokens", id="compression-beyond-the-vision-tower"),
+    pytest.param(lambda p: convert(p, '{"method": "sparsevlm", "retained_tokens": 64}', "stock", "new", "--base-model", HUB_ID),
+                 r'presets are defined for 32-layer .* "layers": \[1\], "budgets": \[66\]', id="sparsevlm-preset-on-2-layers"),
+    pytest.param(lambda p: generate(p, "stock", "missing.png"), r"image .*missing.png does not exist", id="image-missing"),
+    pytest.param(lambda p: generate(p, "stock", "corrupt.png"), r"image .*corrupt.png cannot be read", id="image-corrupt"),
+    pytest.param(lambda p: generate(p, "nowhere"), r"--model folder .*nowhere does not exist", id="model-folder-missing"),
+    pytest.param(lambda p: generate(p, "existing"), r"--model folder .*existing has no config.json", id="model-folder-empty"),
+    pytest.param(lambda p: convert(p, VISIONZIP, "stock", "existing", "--base-model", HUB_ID),
+                 r"output folder .*existing already exists; choose another or pass --overwrite", id="convert-output-exists"),
+    pytest.param(lambda p: convert(p, VISIONZIP), r"local path, not a Hub model id.*--base-model", id="convert-local-source-no-base-model"),
+    pytest.param(lambda p: convert(p, '{"method": "voco"}', "no_voco", "new", "--base-model", HUB_ID),
+                 r"needs a <voco> token, and this checkpoint's tokenizer has none; add it with slimvlm.voco.add_voco_token",
+                 id="convert-voco-without-token"),
+    pytest.param(lambda p: ["export", p["stock"], p["new"], "--mode", "delta"], r"--mode delta needs --base", id="export-delta-without-base"),
+    pytest.param(lambda p: ["export", p["stock"], p["new"]], r"is not a VoCo checkpoint", id="export-not-voco"),
+    pytest.param(lambda p: ["export", p["stock"], p["existing"]], r"already exists; choose another or pass --overwrite",
+                 id="export-output-exists"),
+    pytest.param(lambda p: ["push", p["no_card"], "user/repo"], r"has no model card", id="push-without-card"),
+    pytest.param(lambda p: ["push", p["local_card"], "user/repo"], r"'/home/me/llava' is a local path.*--base-model",
+                 id="push-card-with-local-base-model"),
+    pytest.param(lambda p: ["push", p["local_card"], "not/a/repo", "--base-model", HUB_ID], r"Repo id must be in the form",
+                 id="push-bad-repo-id"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD_INPUT)
+def test_bad_input_ends_in_one_line_and_exit_1(argv, message, cli_inputs, no_weights_load, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    args = argv(cli_inputs)
+    assert main(args) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.endswith("\n") and captured.err.count("\n") == 1, captured.err
+    assert captured.err.startswith(f"slimvlm {args[0]}: error: ")
+    assert re.search(message, captured.err), captured.err
+    assert "Traceback" not in captured.err and "weights were loaded" not in captured.err
+
+
+def test_debug_shows_the_traceback(cli_inputs):
+    with pytest.raises(FileNotFoundError, match="missing.png does not exist"):
+        main(generate(cli_inputs, "stock", "missing.png", "--debug"))
+
+
+def test_real_exit_status_and_one_line_on_stderr(cli_inputs, tmp_path):
+    """The console script's process: exit status 1 and one line, also after transformers loaded the config (its
+    llava -> slim_llava notice is hidden in CLI runs)."""
+    argv = convert(cli_inputs, '{"method": "sparsevlm", "retained_tokens": 64}', "stock", "new", "--base-model", HUB_ID)
+    completed = subprocess.run([sys.executable, "-m", "slimvlm.cli", *argv], cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                               capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 1 and completed.stdout == ""
+    assert completed.stderr.count("\n") == 1 and "presets are defined for 32-layer" in completed.stderr, completed.stderr
+
+
+# ------------------------------------------------------------------ overwrite, VoCo, export modes
+
+
+def test_convert_overwrite_replaces_the_output(stock_checkpoint, tmp_path):
+    (tmp_path / "slim").mkdir()
+    (tmp_path / "slim" / "stale.txt").write_text("old")
+    assert main(convert({"stock": str(stock_checkpoint), "new": str(tmp_path / "slim")}, VISIONZIP, "stock", "new",
+                        "--base-model", HUB_ID, "--overwrite")) == 0
+    assert not (tmp_path / "slim" / "stale.txt").exists() and (tmp_path / "slim" / "config.json").exists()
+
+
+@pytest.fixture(scope="module")
+def voco_slim(stock_checkpoint, tmp_path_factory):
+    """`slimvlm convert` to VoCo of a checkpoint whose tokenizer has <voco> (id 5) but whose config has no id."""
+    out = tmp_path_factory.mktemp("voco") / "slim"
+    assert main(convert({"stock": str(stock_checkpoint), "new": str(out)}, '{"method": "voco", "num_voco_tokens": 2}',
+                        "stock", "new", "--base-model", HUB_ID)) == 0
+    return out
+
+
+def test_convert_to_voco_takes_the_token_id_from_the_tokenizer(voco_slim, cli_inputs):
+    from huggingface_hub import ModelCard
+
+    config = json.loads((voco_slim / "config.json").read_text())
+    assert config["voco_token_id"] == 5 and config["compression"] == {"method": "voco", "num_voco_tokens": 2}
+    assert ModelCard.load(voco_slim / "README.md").data.base_model_relation == "finetune"
+    # the checkpoint works: generate answers from it
+    assert main(generate({**cli_inputs, "voco": str(voco_slim)}, "voco", "img.png", "--max-new-tokens", "2")) == 0
+
+
+def test_export_offers_every_mode_of_the_api():
+    from slimvlm.conversion.voco_export import EXPORT_MODES
+
+    export = build_parser()._subparsers._group_actions[0].choices["export"]
+    assert next(a for a in export._actions if a.dest == "mode").choices == list(EXPORT_MODES)
+
+
+@pytest.mark.parametrize("mode, files", [
+    ("voco-only", {"voco_weights.safetensors"}),
+    ("full", {"voco_weights.safetensors", "config.json", "model.safetensors", "processor_config.json"}),
+    ("delta", {"voco_weights.safetensors", "delta.safetensors"}),
+])
+def test_cli_export_modes(mode, files, voco_slim, stock_checkpoint, tmp_path, capsys):
+    extra = ["--base", str(stock_checkpoint)] if mode == "delta" else []
+    assert main(["export", str(voco_slim), str(tmp_path / "out"), "--mode", mode, *extra]) == 0
+    assert files <= {p.name for p in (tmp_path / "out").iterdir()}
+    (tmp_path / "out" / "stale.txt").write_text("old")
+    assert main(["export", str(voco_slim), str(tmp_path / "out"), "--mode", mode, *extra, "--overwrite"]) == 0
+    assert not (tmp_path / "out" / "stale.txt").exists()
+
+
+# ------------------------------------------------------------------------- progress, notices
+
+
+def test_progress_is_quiet_when_stderr_is_not_a_terminal(capsys):
+    with Progress(2) as progress:
+        progress("loading")
+        progress("writing")
+    assert capsys.readouterr().err == ""
+
+
+def test_progress_without_tqdm_prints_a_line_per_step(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm -> ImportError
+    with Progress(2, enabled=True) as progress:
+        progress("loading x")
+        progress("writing y")
+    assert capsys.readouterr().err == "[1/2] loading x ...\n[2/2] writing y ...\n"
+
+
+def test_progress_with_tqdm_shows_a_bar(capsys):
+    pytest.importorskip("tqdm")
+    with Progress(2, enabled=True) as progress:
+        progress("loading x")
+        progress("writing y")
+    err = capsys.readouterr().err
+    assert "loading x" in err and "writing y" in err
+
+
+def test_repeated_notices_are_shown_once_and_only_while_a_command_runs(caplog):
+    bnb_logger, prefix, _ = CLI_NOTICES[0]
+    notice = f"{prefix} from torch.float32 to float16 during quantization"
+    with caplog.at_level(logging.WARNING), fewer_notices():
+        for _ in range(30):
+            logging.getLogger(bnb_logger).warning(notice)
+        logging.getLogger(CLI_NOTICES[1][0]).warning(CLI_NOTICES[1][1] + ". This may be expected ...")
+    assert [r.getMessage() for r in caplog.records] == [notice]
+    logging.getLogger(bnb_logger).warning(notice)  # filters are gone after the command
+    assert len(caplog.records) == 2
+
+
+@pytest.mark.quantization
+def test_8bit_generation_shows_the_bitsandbytes_cast_notice_once(stock_checkpoint, cli_inputs, tmp_path, caplog):
+    pytest.importorskip("bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    model = SlimLlavaForConditionalGeneration.from_pretrained(
+        stock_checkpoint, quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map="cpu")
+    model.save_pretrained(tmp_path / "int8")
+    SlimLlavaProcessor.from_pretrained(stock_checkpoint).save_pretrained(tmp_path / "int8")
+    with caplog.at_level(logging.WARNING):
+        assert main(generate({**cli_inputs, "int8": str(tmp_path / "int8")}, "int8", "img.png", "--max-new-tokens", "2")) == 0
+    assert sum("MatMul8bitLt: inputs will be cast" in r.getMessage() for r in caplog.records) == 1

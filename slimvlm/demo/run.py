@@ -39,7 +39,7 @@ class DemoRow:
 
 def demo_settings(num_text_layers: int) -> list[tuple[str, dict]]:
     """(label, compression) pairs the demo runs on the base model: the baseline, then VisionZip and SparseVLM."""
-    from ..cli import sparsevlm_setting
+    from ..configuration_slimvlm import sparsevlm_setting
 
     settings = [("none", {"method": "none"})]
     for tokens in (192, 64, 16):

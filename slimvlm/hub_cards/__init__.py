@@ -1,15 +1,28 @@
 """Model cards for slim checkpoints, and pushing a checkpoint folder to the Hub.
 
-The card follows the Hub's conventions for remote-code VLMs: `library_name: transformers`,
-`pipeline_tag: image-text-to-text`, `base_model` (+ `base_model_relation` for trained weights) and tags.
+Cards are `huggingface_hub.ModelCard`s whose metadata comes from `ModelCardData`, so the Hub's conventions for
+remote-code VLMs hold by construction: `library_name: transformers`, `pipeline_tag: image-text-to-text`,
+`base_model` (a Hub id, never a local path), `base_model_relation` (only for trained weights: a training-free
+compression is the base model repacked), tags, and `model-index` eval results when given.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+from typing import Callable
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 
 METHOD_TAGS = {"visionzip": "visionzip", "sparsevlm": "sparsevlm", "voco": "voco-llama"}
+# Methods whose checkpoints carry trained weights; the others are training-free repacks of the base model,
+# for which the Hub wants no relation (it infers one from the files).
+BASE_MODEL_RELATIONS = {"voco": "finetune"}
+FAMILY_TAGS = {"slim_llava": "llava", "slim_llava_next": "llava-next", "slim_video_llava": "video-llava",
+               "slim_mini_gemini": "mini-gemini"}
 METHOD_NOTES = {
     "none": "No compression: the stock model, wrapped.",
     "visionzip": (
@@ -26,32 +39,73 @@ METHOD_NOTES = {
         "mask; at inference only their per-layer key/value cache is kept (trained weights)."
     ),
 }
+# A folder of the local Hub cache: .../models--{namespace}--{name}/snapshots/{revision}
+HUB_CACHE_FOLDER = re.compile(r"models--(?P<repo>[^/\\]+)[/\\]snapshots(?:[/\\]|$)")
+
+
+def hub_model_id(name: str | Path) -> str:
+    """`name` as a Hub model id for a card's `base_model`.
+
+    A folder of the local Hub cache gives the id it was downloaded from. A `namespace/name` string is taken as
+    the id even when a local folder has that path (downloads are often kept there). Anything else that is a
+    local path, or not of the form `name` / `namespace/name`, raises ValueError.
+    """
+    text = str(name)
+    cached = HUB_CACHE_FOLDER.search(text)
+    if cached:
+        return cached["repo"].replace("--", "/")
+    try:
+        validate_repo_id(text)
+        local = "/" not in text and Path(text).expanduser().exists()
+    except HFValidationError:
+        local = True
+    if local:
+        raise ValueError(
+            f"base_model {text!r} is a local path, not a Hub model id; the card must name the Hub model the "
+            "checkpoint derives from: give its id as base_model (--base-model on the command line), "
+            "e.g. llava-hf/llava-1.5-7b-hf"
+        )
+    return text
 
 
 def model_card(
-    base_model: str,
     compression: dict,
     tokens_per_image: int,
+    base_model: str | None = None,
+    family: str = "llava",
     license: str | None = None,
     datasets: list[str] | None = None,
-    results: dict | None = None,
-) -> str:
-    """Markdown (with YAML front matter) describing a slim checkpoint."""
+    eval_results: list[EvalResult] | None = None,
+    model_name: str | None = None,
+) -> ModelCard:
+    """The card of a slim checkpoint.
+
+    Args:
+        compression: the checkpoint's `config.compression` (canonical form).
+        tokens_per_image: visual-token placeholders the processor writes per image.
+        base_model: Hub id of the model it derives from (a local path raises ValueError); None leaves it out.
+        family: tag of the model family ("llava", "llava-next", ...).
+        eval_results: `huggingface_hub.EvalResult`s, written as `model-index` and as a table in the text.
+        model_name: the name in `model-index` and the title (default: from base_model and method).
+    """
     method = compression["method"]
-    tags = ["slimvlm", "visual-token-compression", "llava"] + ([METHOD_TAGS[method]] if method in METHOD_TAGS else [])
-    header = ["---", "library_name: transformers", "pipeline_tag: image-text-to-text", f"base_model: {base_model}"]
-    if method == "voco":
-        header.append("base_model_relation: finetune")
-    if license:
-        header.append(f"license: {license}")
-    if datasets:
-        header += ["datasets:"] + [f"- {name}" for name in datasets]
-    header += ["tags:"] + [f"- {tag}" for tag in tags] + ["---", ""]
-    note = METHOD_NOTES[method].format(**compression, tokens=tokens_per_image)
+    base_model = None if base_model is None else hub_model_id(base_model)
+    title = f"{base_model.split('/')[-1] if base_model else family} + SlimVLM ({method})"
+    data = ModelCardData(
+        base_model=base_model,
+        base_model_relation=BASE_MODEL_RELATIONS.get(method) if base_model else None,
+        library_name="transformers",
+        pipeline_tag="image-text-to-text",
+        license=license,
+        datasets=datasets,
+        tags=["slimvlm", "visual-token-compression", family] + ([METHOD_TAGS[method]] if method in METHOD_TAGS else []),
+        eval_results=eval_results or None,
+        model_name=(model_name or title) if eval_results else None,
+    )
     body = [
-        f"# {base_model.rstrip('/').split('/')[-1]} + SlimVLM ({method})",
+        f"# {model_name or title}",
         "",
-        note,
+        METHOD_NOTES[method].format(**compression, tokens=tokens_per_image),
         "",
         "```python",
         "from transformers import AutoModelForImageTextToText, AutoProcessor",
@@ -67,29 +121,79 @@ def model_card(
         "- Change the setting after loading with `model.set_compression({...})` and `processor.set_compression({...})`.",
         "",
     ]
-    if results:
-        body += ["## Results (same pipeline, against the uncompressed model)", "", "| setting | score |", "|---|---|"]
-        body += [f"| {name} | {value} |" for name, value in results.items()] + [""]
-    return "\n".join(header + body)
+    if eval_results:
+        body += ["## Results", "", "| dataset | metric | value |", "|---|---|---|"]
+        body += [f"| {r.dataset_name} | {r.metric_name or r.metric_type} | {r.metric_value} |" for r in eval_results] + [""]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body))
 
 
-def write_model_card(folder: str | Path, **kwargs) -> Path:
+def card_for_model(model, base_model: str | None = None, **kwargs) -> ModelCard:
+    """`model_card` for a loaded Slim model: compression, placeholder count and family come from it.
+
+    base_model defaults to the id the model was loaded from (`config._name_or_path`) when that is a Hub id,
+    and is left out when it was a local folder.
+    """
+    if base_model is None:
+        try:
+            base_model = hub_model_id(model.config._name_or_path or "")
+        except ValueError:
+            base_model = None
+    family = FAMILY_TAGS.get(model.config.model_type, model.config.model_type)
+    return model_card(model.config.compression, model.image_token_count(), base_model, family=family, **kwargs)
+
+
+def write_model_card(folder: str | Path, card: ModelCard, overwrite: bool = True) -> Path:
+    """Write `card` as `folder/README.md` (unless one exists and `overwrite` is False); returns the path."""
     path = Path(folder) / "README.md"
-    path.write_text(model_card(**kwargs))
+    if overwrite or not path.exists():
+        card.save(path)
     return path
 
 
-def push_to_hub(folder: str | Path, repo_id: str, private: bool = False) -> str:
-    """Upload a slim checkpoint folder (it must carry a model card) to the Hub; returns the repo URL."""
+def checked_card(folder: str | Path, base_model: str | None = None) -> ModelCard:
+    """The card of a checkpoint folder, ready to push: with `base_model` (a Hub id) put in, when given.
+
+    Raises ValueError when the folder is no checkpoint, has no card with a pipeline_tag, or its card names a
+    local path as base_model (give the Hub id with --base-model).
+    """
+    folder = Path(folder)
+    card_path = folder / "README.md"
+    if not (folder / "config.json").exists():
+        raise ValueError(f"{folder} is not a checkpoint folder (no config.json); give the folder `slimvlm convert` wrote")
+    card = ModelCard.load(card_path) if card_path.exists() else None
+    if card is None or not card.data.get("pipeline_tag"):
+        raise ValueError(f"{folder} has no model card with pipeline_tag; write one with slimvlm.hub_cards.write_model_card")
+    if base_model is not None:
+        card.data.base_model = hub_model_id(base_model)
+    elif card.data.get("base_model") is not None:
+        card.data.base_model = hub_model_id(card.data.base_model)
+    return card
+
+
+def push_to_hub(
+    folder: str | Path,
+    repo_id: str,
+    private: bool = False,
+    base_model: str | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> str:
+    """Upload a slim checkpoint folder (it must carry a model card) to the Hub; returns the repo URL.
+
+    base_model: the Hub id the card names as base model; written into `folder/README.md` before the upload
+        (needed when the card names a local path). Everything is checked before any request is made.
+    progress: called with a short description when each step begins.
+    """
     from huggingface_hub import HfApi
 
-    folder = Path(folder)
-    card = folder / "README.md"
-    if not (folder / "config.json").exists():
-        raise ValueError(f"{folder} is not a checkpoint folder (no config.json)")
-    if not card.exists() or "pipeline_tag:" not in card.read_text():
-        raise ValueError(f"{folder} has no model card with pipeline_tag; write one with slimvlm.hub_cards.write_model_card")
+    step = progress or (lambda description: None)
+    step(f"checking {folder}")
+    validate_repo_id(repo_id)
+    card = checked_card(folder, base_model)
+    if base_model is not None:
+        write_model_card(folder, card)
     api = HfApi()
+    step(f"creating {repo_id}")
     url = api.create_repo(repo_id, private=private, exist_ok=True)
+    step(f"uploading {folder}")
     api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="Upload SlimVLM checkpoint")
     return str(url)
