@@ -1,0 +1,555 @@
+"""What every Slim family shares: the method wiring, written once.
+
+Shipped with checkpoints: imports only torch, transformers and flat siblings. A family module (e.g.
+`modeling_llava.py`) composes these mixins with the stock transformers classes and states only how pixels
+become per-view encoder tokens (its `get_image_features`), how the compressed views are laid out, and how
+many placeholders an image needs. Everything a method does inside the language model (SparseVLM), in the
+attention mask or the KV cache (VoCo-LLaMA), and in loading/saving/generation lives here.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import WeightRenaming
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.utils import logging
+
+from .compat import can_return_tuple, call_with_cache, generate_with_cache, generation_cache, model_output, pop_cache, with_cache_argument
+from .sparsevlm import SparseVLMCache, sparsevlm_decode, sparsevlm_prefill
+from .visionzip import encode_with_visionzip, resolve_feature_layer, visionzip_from_hidden_states
+from .voco import (
+    VoCoBounds,
+    VoCoCache,
+    VoCoDynamicCache,
+    build_voco_attention_mask,
+    cache_metadata,
+    check_voco_groups,
+    gather_voco_kv,
+    kv_layout,
+    positions_from_padding,
+    rope_settings,
+    rotate_half_of,
+    tensor_sha256,
+    voco_group_indices,
+    weights_fingerprint,
+)
+from .voco import voco_bounds as compute_voco_bounds
+
+
+logger = logging.get_logger(__name__)
+
+# Modules bitsandbytes must leave in full precision by default: VisionZip scores come from the vision
+# tower, and the projector and lm_head are small. Any list replaces transformers' defaults, so lm_head
+# is listed too. Users who set `llm_int8_skip_modules` themselves keep their own list.
+DEFAULT_QUANTIZATION_SKIP_MODULES = [
+    "model.vision_tower",
+    "model.image_tower",
+    "model.video_tower",
+    "model.vision_tower_aux",
+    "model.patch_mining",
+    "model.multi_modal_projector",
+    "lm_head",
+]
+
+
+def register_legacy_weight_names(model_class_name: str, base_class_name: str, renames: dict[str, str]) -> None:
+    """Let `from_pretrained` read the legacy llava-hf key layout into our classes.
+
+    transformers renames legacy keys only for its own classes; custom classes need a mapping registered
+    under their class name (registering is idempotent, and touches no other model).
+    """
+    register_checkpoint_conversion_mapping(
+        model_class_name, [WeightRenaming(source_patterns=s, target_patterns=t) for s, t in renames.items()], overwrite=True
+    )
+    # The head-less base model (AutoModel) sees the same keys without the `model.` prefix.
+    register_checkpoint_conversion_mapping(
+        base_class_name,
+        [WeightRenaming(source_patterns=r"^language_model.model", target_patterns="language_model")],
+        overwrite=True,
+    )
+
+
+def apply_default_quantization_skips(kwargs: dict) -> None:
+    """Keep vision-side modules in full precision unless the user chose a skip list."""
+    quantization_config = kwargs.get("quantization_config")
+    if quantization_config is None:
+        return
+    if isinstance(quantization_config, dict):
+        quantization_config.setdefault("llm_int8_skip_modules", list(DEFAULT_QUANTIZATION_SKIP_MODULES))
+    elif getattr(quantization_config, "llm_int8_skip_modules", "absent") is None:
+        quantization_config.llm_int8_skip_modules = list(DEFAULT_QUANTIZATION_SKIP_MODULES)
+
+
+@dataclass
+class SlimImageFeaturesOutput(BaseModelOutputWithPooling):
+    """`get_image_features` output. `pooler_output` is a list of [K, D] projected features, one per image.
+
+    dominant_indices: [num_images, d] VisionZip's kept token indices (official order: CLS, then by score);
+        None when VisionZip is off.
+    """
+
+    dominant_indices: torch.Tensor | None = None
+
+
+class StockInitMixin:
+    """Slim classes initialise and load like the stock classes they extend.
+
+    transformers treats classes defined outside the library as custom code and, for those, skips any module
+    without parameters of its own when it initialises weights missing from a checkpoint (CLIPAttention,
+    CLIPMLP): their Linear children then keep the generic std instead of the tower's own init, so
+    `from_pretrained` of a checkpoint without tower weights would disagree with `__init__`. Our `_init_weights`
+    are the stock ones, so the library's own path applies.
+    """
+
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        return False
+
+
+def slim_forward(stock_class) -> callable:
+    """A base-model `forward` with exactly `stock_class.forward`'s signature that routes by compression method.
+
+    Positional and keyword arguments bind as for the stock forward; the cache is taken under either
+    keyword (`cache` from transformers 5.24, `past_key_values` before); `return_dict=False` gives a tuple.
+    """
+    signature = inspect.signature(stock_class.forward)
+    var_keyword = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
+
+    def forward(self, *args, **kwargs):
+        inputs = signature.bind(self, *args, **kwargs).arguments
+        inputs.pop("self")
+        inputs.update(inputs.pop(var_keyword, None) or {})
+        cache = pop_cache(inputs)
+        return self._slim_forward(cache=cache, **inputs)
+
+    forward.__signature__ = signature
+    forward.__doc__ = (f"`{stock_class.__name__}.forward` (same signature); SparseVLM and VoCo change what happens "
+                       "inside the language model, and VoCo also takes `voco_cache`, `voco_bounds` and `voco_token_mask`.")
+    return can_return_tuple(forward)
+
+
+class SlimModelMixin(StockInitMixin):
+    """Behaviour every Slim base model shares: compression access and a placeholder check that explains itself."""
+
+    @property
+    def compression(self) -> dict:
+        return self.config.compression
+
+    def get_placeholder_mask(self, input_ids, inputs_embeds, image_features):
+        try:
+            return super().get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds, image_features=image_features)
+        except ValueError as error:
+            raise ValueError(
+                f"{error}. The model's compression is {self.config.compression}; build the processor with the "
+                "same compression (e.g. SlimLlavaProcessor.from_pretrained(path, compression=model.config.compression)) "
+                "so it writes as many image placeholders as the model produces."
+            ) from None
+
+    # The family's `*ModelOutputWithPast` class (set by each family).
+    output_class = None
+
+    def _visionzip_views(self, pixel_values: torch.Tensor, vision_feature_layer, **kwargs):
+        """VisionZip on a batch of independent views [V, 3, H, W] of the vision tower.
+
+        Returns (selection, tower_outputs): `tower_outputs` is the whole tower's output when the caller asked
+        for `output_hidden_states` / `output_attentions` (the tower then runs to the end, as in the stock
+        classes), else None (the tower stops at the scoring layer, whose output is all VisionZip needs).
+        """
+        compression = self.config.compression
+        layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
+        feature_layer = resolve_feature_layer(layer, len(self.vision_tower.encoder.layers))
+        dominant, contextual = compression["dominant"], compression["contextual"]
+        output_hidden_states = kwargs.get("output_hidden_states", self.config.output_hidden_states)
+        output_attentions = kwargs.get("output_attentions", self.config.output_attentions)
+        if not (output_hidden_states or output_attentions):
+            return encode_with_visionzip(self.vision_tower, pixel_values, feature_layer, dominant, contextual), None
+        tower = self.vision_tower(pixel_values, output_hidden_states=True, output_attentions=bool(output_attentions),
+                                  return_dict=True)
+        selection = visionzip_from_hidden_states(self.vision_tower, tower.hidden_states, feature_layer, dominant, contextual)
+        tower.hidden_states = tower.hidden_states if output_hidden_states else None
+        tower.attentions = tower.attentions if output_attentions else None
+        return selection, tower
+
+    def _slim_forward(self, cache=None, **inputs):
+        """Route a forward by compression method (SparseVLM and VoCo change what happens inside the LM)."""
+        method = self.config.compression["method"]
+        if method == "sparsevlm":
+            return self._forward_sparsevlm(cache=cache, **inputs)
+        if method == "voco":
+            return self._forward_voco(cache=cache, **inputs)
+        return self._stock_forward(cache=cache, **inputs)
+
+    def _stock_forward(self, cache=None, **kwargs):
+        """The stock family forward (e.g. `LlavaModel.forward`), the cache under the keyword it declares."""
+        return call_with_cache(super(SlimModelMixin, self).forward, cache=cache, **kwargs)
+
+    # ---- SparseVLM (specs/sparsevlm.md; the math and the decoder loop live in sparsevlm.py) ----
+
+    # Test hook (instance attribute; None = the seeded default): DPC-KNN noise (step, sample, n) -> [n].
+    sparsevlm_noise = None
+    # Set by every SparseVLM prefill: a `sparsevlm.SparseVLMReport`.
+    sparsevlm_report = None
+
+    def _forward_sparsevlm(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+        inputs_embeds: torch.Tensor | None = None,
+        vision_feature_layer=None,
+        vision_feature_select_strategy=None,
+        image_sizes=None,
+        mm_encoder_outputs=None,
+        use_cache: bool | None = None,
+        sparsevlm_plan=None,
+        **kwargs,
+    ):
+        """`LlavaModel.forward` with SparseVLM pruning inside the language model.
+
+        Prefill (no cache or an empty one) prunes; a `SparseVLMCache` from a prefill is continued without
+        pruning. The output `last_hidden_state` is [B, S_last, C], left-padded: shorter than the input, its
+        last slot is each sample's last token. What was kept is in `self.sparsevlm_report` (and
+        `cache.report`): per-layer visual counts, ET, processed mean, raters and prune steps.
+        `sparsevlm_plan` (a report's `steps`) replays a plan instead of scoring (cache-free reference loops).
+        """
+        if self.training:
+            if not getattr(self, "_sparsevlm_warned", False):
+                logger.warning("SparseVLM runs dense in training mode (pruning is inference-only)")
+                self._sparsevlm_warned = True
+            return self._stock_forward(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                                       position_ids=position_ids, cache=cache, inputs_embeds=inputs_embeds,
+                                       vision_feature_layer=vision_feature_layer,
+                                       vision_feature_select_strategy=vision_feature_select_strategy,
+                                       image_sizes=image_sizes, mm_encoder_outputs=mm_encoder_outputs,
+                                       use_cache=use_cache, **kwargs)
+        language_model = self.language_model
+        if getattr(language_model, "rotary_emb", None) is None or not hasattr(language_model.layers[0].self_attn, "q_proj"):
+            raise ValueError(
+                f"SparseVLM supports Llama-family decoders (rotary_emb, self_attn.q_proj); got {type(language_model).__name__}"
+            )
+        if cache is not None and not isinstance(cache, DynamicCache):
+            raise ValueError(
+                f"SparseVLM leaves different KV lengths in different layers and needs a dynamic cache; got "
+                f"{type(cache).__name__}. Do not request a static cache (cache_implementation='static')."
+            )
+        decoding = cache is not None and cache.get_seq_length() > 0
+        if decoding and not isinstance(cache, SparseVLMCache):
+            raise ValueError(
+                "SparseVLM can only continue a cache that its own prefill filled (a SparseVLMCache); got a "
+                f"non-empty {type(cache).__name__}"
+            )
+        for flag in ("output_hidden_states", "output_attentions"):
+            if kwargs.get(flag, getattr(self.config, flag, False)):
+                raise ValueError(
+                    f"{flag}=True is not supported under SparseVLM: pruning makes every layer's sequence shorter, so "
+                    "there is no per-layer tensor to return; use compression {'method': 'none'} to inspect them"
+                )
+        inputs_embeds, visual_mask, image_outputs = self._sparsevlm_embeddings(
+            input_ids, pixel_values, inputs_embeds, vision_feature_layer, vision_feature_select_strategy,
+            image_sizes, mm_encoder_outputs,
+        )
+        kwargs.pop("return_dict", None)
+        if decoding:
+            hidden = sparsevlm_decode(self.language_model, inputs_embeds, cache, attention_mask,
+                                      position_ids, **kwargs)
+        else:
+            hidden, cache, report = sparsevlm_prefill(
+                self.language_model, inputs_embeds, visual_mask, self.config.compression, attention_mask,
+                position_ids, plan=sparsevlm_plan, noise=self.sparsevlm_noise, **kwargs,
+            )
+            self.sparsevlm_report = report
+        return model_output(self.output_class, last_hidden_state=hidden,
+                                   cache=cache if use_cache is not False else None, image_outputs=image_outputs)
+
+    def _sparsevlm_embeddings(self, input_ids, pixel_values, inputs_embeds, vision_feature_layer,
+                              vision_feature_select_strategy, image_sizes, mm_encoder_outputs):
+        """Decoder input with the image features scattered in, the [B, L] visual mask and the image-features output."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if pixel_values is not None and mm_encoder_outputs:
+            raise ValueError("You cannot specify both pixel_values and mm_encoder_outputs at the same time")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        encoded = dict(mm_encoder_outputs or {})
+        if encoded.get("image") is None and pixel_values is not None:
+            encoded["image"] = self.get_image_features(
+                pixel_values=pixel_values, vision_feature_layer=vision_feature_layer,
+                vision_feature_select_strategy=vision_feature_select_strategy, image_sizes=image_sizes, return_dict=True,
+            )
+        visual_mask = torch.zeros(inputs_embeds.shape[:2], dtype=torch.bool, device=inputs_embeds.device)
+        if encoded.get("image") is None:
+            return inputs_embeds, visual_mask, None
+        image_outputs = encoded["image"]
+        features = image_outputs.pooler_output
+        images = len(features)
+        features = torch.cat(list(features), dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
+        mask = self.get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds, image_features=features)
+        visual_mask = mask[..., 0]
+        if images > int(visual_mask.any(dim=1).sum()):
+            raise ValueError(
+                f"SparseVLM supports one image per sample; got {images} images for "
+                f"{int(visual_mask.any(dim=1).sum())} samples with image tokens"
+            )
+        return inputs_embeds.masked_scatter(mask, features), visual_mask, image_outputs
+
+    # ---- VoCo-LLaMA (specs/voco.md; the rule and the cache live in voco.py) ----
+
+    def _voco_token_id(self) -> int:
+        token_id = getattr(self.config, "voco_token_id", None)
+        if token_id is None:
+            raise ValueError(
+                "compression method 'voco' needs config.voco_token_id (the id of '<voco>'), got None; call "
+                "slimvlm.voco.add_voco_token(model, processor) once on a base checkpoint"
+            )
+        return token_id
+
+    def _voco_layer_devices(self) -> list[torch.device]:
+        return [next(layer.parameters()).device for layer in self.language_model.layers]
+
+    def _forward_voco(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+        inputs_embeds: torch.Tensor | None = None,
+        voco_cache: VoCoCache | None = None,
+        voco_bounds: VoCoBounds | None = None,
+        voco_token_mask: torch.Tensor | None = None,
+        **kwargs,
+    ):
+        """`LlavaModel.forward` under VoCo-LLaMA.
+
+        - `voco_cache` given: stage 2, text on top of the compressed images, plain causal attention.
+        - otherwise: the full sequence under the VoCo mask (training, or full-mask inference). The VoCo
+          positions come from `voco_bounds` (set by `generate()` from the full rows), else from
+          `input_ids` (or `voco_token_mask` [B, L] when only `inputs_embeds` is given).
+        attention_mask: 2-D [B, past + L] padding mask; positions are per sample (cumsum - 1).
+        """
+        if voco_cache is not None:
+            return self._forward_voco_cached(voco_cache, input_ids, pixel_values, attention_mask, position_ids,
+                                             cache, inputs_embeds, **kwargs)
+        reference = input_ids if input_ids is not None else inputs_embeds
+        batch, length = reference.shape[:2]
+        past_length = cache.get_seq_length() if cache is not None else 0
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, past_length + length, dtype=torch.long, device=reference.device)
+        if position_ids is None:
+            position_ids = positions_from_padding(attention_mask, length)
+        if voco_bounds is None and isinstance(cache, VoCoDynamicCache):
+            # Continuing on a VoCo cache: nothing before the VoCo group is cached, so plain causal is exact.
+            return self._stock_forward(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                                       position_ids=position_ids, cache=cache, inputs_embeds=inputs_embeds, **kwargs)
+        if voco_bounds is None:
+            if past_length > 0:
+                raise ValueError(
+                    "VoCo full-mask decoding with a KV cache needs voco_bounds computed on the full rows "
+                    "(slimvlm.voco.voco_bounds(full_input_ids == config.voco_token_id)); generate() passes them itself"
+                )
+            if voco_token_mask is None:
+                if input_ids is None:
+                    raise ValueError("VoCo with inputs_embeds needs voco_token_mask ([batch, length] bool, True at <voco>)")
+                voco_token_mask = input_ids == self._voco_token_id()
+            check_voco_groups(voco_token_mask, self.config.compression["num_voco_tokens"])
+            voco_bounds = compute_voco_bounds(voco_token_mask)
+        shape_only = torch.empty((batch, length, 0), dtype=self.get_input_embeddings().weight.dtype, device=reference.device)
+        mask = build_voco_attention_mask(self.language_model.config, shape_only, attention_mask, voco_bounds,
+                                         cache, position_ids)
+        return self._stock_forward(input_ids=input_ids, pixel_values=pixel_values, attention_mask=mask,
+                                   position_ids=position_ids, cache=cache, inputs_embeds=inputs_embeds, **kwargs)
+
+    def _forward_voco_cached(self, voco_cache: VoCoCache, input_ids, pixel_values, attention_mask, position_ids,
+                             cache, inputs_embeds, **kwargs):
+        """Stage 2: the text [B, T] attends to a fresh copy of the cached VoCo K/V (the stored cache never changes)."""
+        if pixel_values is not None or (cache is not None and cache.get_seq_length() > 0):
+            raise ValueError("voco_cache replaces the image and any KV cache: pass neither pixel_values nor a "
+                             "non-empty cache with it")
+        reference = input_ids if input_ids is not None else inputs_embeds
+        batch, length = reference.shape[:2]
+        cache = voco_cache.expand_to(batch)
+        expected = kv_layout(self.language_model.config)
+        found = (cache.num_layers, cache.keys.shape[2], cache.keys.shape[4])
+        if found != expected:
+            raise ValueError(f"voco_cache has (layers, kv_heads, head_dim) = {found}, this model {expected}")
+        device = reference.device
+        text_mask = attention_mask if attention_mask is not None else torch.ones(batch, length, dtype=torch.long, device=device)
+        if text_mask.shape[1] != length:
+            raise ValueError(f"with voco_cache, attention_mask covers the text only: expected {length} columns, "
+                             f"got {text_mask.shape[1]}")
+        full_mask = torch.cat([torch.ones(batch, cache.num_voco_tokens, dtype=text_mask.dtype, device=device), text_mask], 1)
+        if position_ids is None:
+            position_ids = cache.next_position.to(device)[:, None] + positions_from_padding(text_mask, length)
+        past = cache.to_dynamic_cache(self._voco_layer_devices(), dtype=self.get_input_embeddings().weight.dtype)
+        return self._stock_forward(input_ids=input_ids, attention_mask=full_mask, position_ids=position_ids,
+                                   cache=past, inputs_embeds=inputs_embeds, **kwargs)
+
+
+class SlimGenerationMixin(StockInitMixin):
+    """Loading, saving and reconfiguring shared by every Slim*ForConditionalGeneration."""
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, plus `compression=` and full-precision vision modules under bitsandbytes.
+
+        `compression` is forwarded to the config (validated there). With a bitsandbytes
+        `quantization_config` whose `llm_int8_skip_modules` is unset, the vision tower, projector and lm_head
+        stay unquantised (`DEFAULT_QUANTIZATION_SKIP_MODULES`); set the list yourself to choose otherwise.
+        """
+        apply_default_quantization_skips(kwargs)
+        return super().from_pretrained(*args, **kwargs)
+
+    def set_compression(self, compression: dict | None):
+        """Switch compression on a loaded model (validated against this model's shapes); returns self."""
+        self.config.compression = compression
+        return self
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save weights (safetensors), config, and the remote code with an `auto_map` that also covers AutoModel."""
+        auto_map = dict(getattr(self.config, "auto_map", None) or {})
+        auto_map.setdefault("AutoModel", f"{type(self.model).__module__.split('.')[-1]}.{type(self.model).__name__}")
+        self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+    @property
+    def sparsevlm_report(self):
+        """What the last SparseVLM prefill kept (`sparsevlm.SparseVLMReport`: per-sample per-layer visual counts,
+        `equal_tokens`, `processed_mean`, raters, prune steps, KV lengths); None before the first one."""
+        return getattr(self.model, "sparsevlm_report", None)
+
+    # ---- VoCo-LLaMA: two-stage inference (specs/voco.md §5, §6) ----
+
+    def voco_cache_metadata(self) -> dict[str, str]:
+        """What a `VoCoCache` from this model records, and what a loaded cache is checked against."""
+        voco_id = self.model._voco_token_id()
+        row = self.get_input_embeddings().weight[voco_id]
+        k_proj = self.model.language_model.layers[0].self_attn.k_proj.weight
+        # Hashing k_proj costs ~50 ms on 7B: reuse it while neither tensor has changed (in-place updates bump _version).
+        key = (row.data_ptr(), row._version, k_proj.data_ptr(), k_proj._version)
+        if getattr(self, "_voco_fingerprint", (None, None))[0] != key:
+            self._voco_fingerprint = (key, weights_fingerprint(row, k_proj))
+        quantization = getattr(self.config, "quantization_config", None)
+        quantization = quantization.to_dict() if hasattr(quantization, "to_dict") else (quantization or {})
+        quant = "bnb-4bit" if quantization.get("load_in_4bit") else "bnb-8bit" if quantization.get("load_in_8bit") else "none"
+        return cache_metadata(
+            self.config.text_config, voco_id, self.config.compression.get("num_voco_tokens", 1),
+            self._voco_fingerprint[1], self.get_input_embeddings().weight.dtype, quant,
+            getattr(self.config, "_name_or_path", ""), getattr(self.config, "_commit_hash", None) or "",
+        )
+
+    def voco_compress(
+        self,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_mode: str = "compact",
+        enable_grad: bool = False,
+        **kwargs,
+    ) -> VoCoCache:
+        """Stage 1: run each row's prefix up to its VoCo group once and keep only the VoCo tokens' K/V.
+
+        input_ids: [B, L] processor output with one image and K `<voco>` per row (any padding side; text
+            after the VoCo group is ignored). pixel_values: [B, 3, H, W].
+        position_mode: "compact" (default) re-rotates the keys to positions 0..K-1 so stock `generate()`
+            can continue from them; "original" keeps the positions they had in the full sequence.
+        enable_grad: keep the autograd graph (training through the cache: stage 2 on top of it is the
+            full masked forward, spec §5, at a fraction of the cost when an image has several questions).
+        Returns a `VoCoCache` with keys/values [B, layers, kv_heads, K, head_dim].
+        """
+        with torch.set_grad_enabled(enable_grad):
+            return self._voco_compress(input_ids, pixel_values, attention_mask, position_mode, **kwargs)
+
+    def _voco_compress(self, input_ids, pixel_values, attention_mask, position_mode, **kwargs) -> VoCoCache:
+        if self.config.compression["method"] != "voco":
+            raise ValueError(f"voco_compress needs compression method 'voco', the model has {self.config.compression}")
+        if position_mode not in ("compact", "original"):
+            raise ValueError(f"position_mode must be 'compact' or 'original', got {position_mode!r}")
+        num_voco = self.config.compression["num_voco_tokens"]
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        group = voco_group_indices(input_ids == self.model._voco_token_id(), num_voco)  # [B, K]
+        stop = int(group[:, -1].max()) + 1
+        input_ids, attention_mask = input_ids[:, :stop], attention_mask[:, :stop]
+        positions = positions_from_padding(attention_mask, stop)
+        past = DynamicCache(config=self.config.text_config)
+        # On the prefix the VoCo rule equals causal attention: any backend works here, FlashAttention included.
+        self.model._stock_forward(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                                  position_ids=positions, cache=past, use_cache=True, **kwargs)
+        keys, values = gather_voco_kv(past, group)
+        metadata = self.voco_cache_metadata()
+        if pixel_values is not None and pixel_values.shape[0] == keys.shape[0]:
+            metadata["image_sha256"] = json.dumps([tensor_sha256(image) for image in pixel_values])
+        cache = VoCoCache(keys, values, torch.gather(positions, 1, group), metadata=metadata)
+        if position_mode == "compact":
+            language_model = self.model.language_model
+            cache = cache.relocate(language_model.rotary_emb, rotate_half_of(language_model), 0,
+                                   rope_settings(self.config.text_config)[1])
+        return cache
+
+    def generate(self, *args, voco_cache: VoCoCache | None = None, **kwargs):
+        """`GenerationMixin.generate`; with `voco_cache`, answer the text prompts from compressed images.
+
+        `input_ids`/`attention_mask` then hold only the text after the VoCo group ([B, T], left padding);
+        the returned sequences are those ids followed by the new tokens. The cache is copied, never changed.
+        """
+        if voco_cache is None:
+            return super().generate(*args, **kwargs)
+        return self._voco_generate(voco_cache, *args, **kwargs)
+
+    def _voco_generate(self, voco_cache: VoCoCache, input_ids=None, attention_mask=None, **kwargs):
+        if kwargs.get("pixel_values") is not None or pop_cache(kwargs) is not None:
+            raise ValueError("voco_cache replaces the image: pass neither pixel_values nor a KV cache with it")
+        if input_ids is None:
+            raise ValueError("generate(voco_cache=...) needs input_ids with the text after the VoCo group")
+        batch, length = input_ids.shape
+        cache = voco_cache.expand_to(batch)
+        count, device = cache.num_voco_tokens, input_ids.device
+        text_mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        # Layout [<voco> x K][pads][text]: the K ids count as cached and are never embedded; explicit
+        # positions serve both position modes (compact: the cumsum positions K.., original: next_position..).
+        voco_ids = torch.full((batch, count), self.model._voco_token_id(), dtype=input_ids.dtype, device=device)
+        positions = torch.cat([cache.positions.to(device),
+                               cache.next_position.to(device)[:, None] + positions_from_padding(text_mask, length)], 1)
+        past = cache.to_dynamic_cache(self.model._voco_layer_devices(), dtype=self.get_input_embeddings().weight.dtype)
+        output = generate_with_cache(
+            super().generate,
+            past,
+            input_ids=torch.cat([voco_ids, input_ids], 1),
+            attention_mask=torch.cat([torch.ones_like(voco_ids), text_mask], 1),
+            position_ids=positions,
+            **kwargs,
+        )
+        if isinstance(output, torch.Tensor):
+            return output[:, count:]
+        output.sequences = output.sequences[:, count:]
+        return output
+
+    @with_cache_argument
+    def prepare_inputs_for_generation(self, input_ids, *args, cache=None, attention_mask=None,
+                                      inputs_embeds=None, **kwargs):
+        """Stock inputs; under VoCo full-mask decoding also the VoCo bounds of the *full* rows, so the
+        VoCo positions never drift between steps (the official decode bugs, spec §11).
+
+        `inputs_embeds` is named in the signature: `generate()` inspects it to allow `inputs_embeds`. The
+        cache goes to the stock method under the keyword it declares (no deprecation warning per step)."""
+        model_inputs = call_with_cache(
+            super().prepare_inputs_for_generation, input_ids, *args, cache=cache, attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds, **kwargs)
+        if (
+            self.config.compression["method"] == "voco"
+            and not isinstance(generation_cache(model_inputs), VoCoDynamicCache)
+            and input_ids is not None
+            and input_ids.shape[1] > 0
+            and getattr(self.config, "voco_token_id", None) is not None
+        ):
+            model_inputs["voco_bounds"] = compute_voco_bounds(input_ids == self.config.voco_token_id)
+        return model_inputs
