@@ -6,23 +6,33 @@ AutoProcessor. This module is not shipped with checkpoints; the flat modules it 
 
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
-from .configuration_slimvlm import SlimLlavaConfig, normalize_compression, split_visionzip_tokens
+from .configuration_slimvlm import SlimLlavaConfig, SlimLlavaNextConfig, normalize_compression, split_visionzip_tokens
 from .modeling_llava import DEFAULT_QUANTIZATION_SKIP_MODULES, SlimLlavaForConditionalGeneration, SlimLlavaModel
-from .processing_slimvlm import SlimLlavaProcessor
+from .modeling_llava_next import SlimLlavaNextForConditionalGeneration, SlimLlavaNextModel
+from .processing_slimvlm import SlimLlavaNextProcessor, SlimLlavaProcessor
 from .voco import VoCoCache, VoCoDataCollator, add_voco_token, build_voco_prompt, build_voco_text_prompt, freeze_vision_tower
 
 __version__ = "0.1.0"
 
-AutoConfig.register(SlimLlavaConfig.model_type, SlimLlavaConfig, exist_ok=True)
-AutoModel.register(SlimLlavaConfig, SlimLlavaModel, exist_ok=True)
-AutoModelForImageTextToText.register(SlimLlavaConfig, SlimLlavaForConditionalGeneration, exist_ok=True)
-AutoProcessor.register(SlimLlavaConfig, SlimLlavaProcessor, exist_ok=True)
+FAMILIES = (
+    (SlimLlavaConfig, SlimLlavaModel, SlimLlavaForConditionalGeneration, SlimLlavaProcessor),
+    (SlimLlavaNextConfig, SlimLlavaNextModel, SlimLlavaNextForConditionalGeneration, SlimLlavaNextProcessor),
+)
+for _config, _model, _generation, _processor in FAMILIES:
+    AutoConfig.register(_config.model_type, _config, exist_ok=True)
+    AutoModel.register(_config, _model, exist_ok=True)
+    AutoModelForImageTextToText.register(_config, _generation, exist_ok=True)
+    AutoProcessor.register(_config, _processor, exist_ok=True)
 
 __all__ = [
     "DEFAULT_QUANTIZATION_SKIP_MODULES",
     "SlimLlavaConfig",
     "SlimLlavaForConditionalGeneration",
     "SlimLlavaModel",
+    "SlimLlavaNextConfig",
+    "SlimLlavaNextForConditionalGeneration",
+    "SlimLlavaNextModel",
+    "SlimLlavaNextProcessor",
     "SlimLlavaProcessor",
     "VoCoCache",
     "VoCoDataCollator",

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from transformers import LlavaConfig
+from transformers import LlavaConfig, LlavaNextConfig
 
 from .compat import TESTED_RANGE  # noqa: F401  (importing compat warns once outside the tested range)
 
@@ -38,6 +38,8 @@ LEGACY_LLAVA_RENAMES = {
     r"^vision_tower": "model.vision_tower",
     r"^multi_modal_projector": "model.multi_modal_projector",
 }
+# LLaVA-NeXT's legacy layout (llava-hf/llava-v1.6-mistral-7b-hf, -vicuna-7b-hf) adds the top-level newline row.
+LEGACY_LLAVA_NEXT_RENAMES = {**LEGACY_LLAVA_RENAMES, r"^image_newline": "model.image_newline"}
 
 
 def _is_int(value: Any) -> bool:
@@ -155,7 +157,9 @@ def _normalize_sparsevlm(compression: dict, num_layers: int | None) -> dict:
         out["retained_tokens"] = preset
     # A preset on another depth: say so, and show an explicit schedule that fits (instead of blaming
     # `layers` the user never gave).
-    preset_elsewhere = preset is not None and layers is None and num_layers not in (None, 32)
+    # (A normalised preset carries the default layers: re-validating it against the model must say the same.)
+    default_layers = layers is None or list(layers) == list(SPARSEVLM_LAYERS)
+    preset_elsewhere = preset is not None and default_layers and num_layers not in (None, 32)
     if preset_elsewhere:
         fitting = sparsevlm_setting(num_layers, preset, version)
         fitting_hint = (
@@ -289,6 +293,14 @@ class SlimCompressionMixin:
         layers = getattr(text_config, "num_hidden_layers", None) if text_config is not None and not isinstance(text_config, dict) else None
         return tokens, layers, self.__dict__.get("vision_feature_layer")
 
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        # A stock config.json carries the stock model_type ("llava", "llava_next"); the class attribute must win
+        # so that a saved checkpoint maps back to the Slim class through AutoConfig.
+        self.__dict__.pop("model_type", None)
+        # Re-validate now that the sub-configs exist (the bounds depend on them).
+        self.compression = self.compression
+
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "compression":
             value = normalize_compression(value, *self._compression_bounds())
@@ -311,10 +323,22 @@ class SlimLlavaConfig(SlimCompressionMixin, LlavaConfig):
     # Id of the `<voco>` token (VoCo-LLaMA); set by `slimvlm.voco.add_voco_token` or the conversion.
     voco_token_id: int | None = None
 
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
-        # A stock config.json carries model_type "llava"; the class attribute must win so that a saved
-        # checkpoint maps back to this class through AutoConfig.
-        self.__dict__.pop("model_type", None)
-        # Re-validate now that the sub-configs exist (the bounds depend on them).
-        self.compression = self.compression
+
+class SlimLlavaNextConfig(SlimCompressionMixin, LlavaNextConfig):
+    """`LlavaNextConfig` plus `compression`; a stock LLaVA-NeXT config.json loads into it unchanged.
+
+    VisionZip's counts are per view (the base view and every anyres crop): `{"method": "visionzip", "tokens": 64}`
+    gives an image of a 2x2 grid (1 + 4) x 64 = 320 tokens (specs/visionzip.md §7.2).
+    """
+
+    model_type = "slim_llava_next"
+    compression: dict | None = None
+    voco_token_id: int | None = None
+
+
+def anyres_visionzip_token_count(compression: dict, grid: tuple[int, int]) -> int:
+    """Tokens of one LLaVA-NeXT image under VisionZip's official layout: (1 + gh·gw) views of K = d + c tokens.
+
+    Shared by the processor (placeholders) and the model (features), specs/visionzip.md §7.2.
+    """
+    return (1 + grid[0] * grid[1]) * (compression["dominant"] + compression["contextual"])

@@ -8,10 +8,9 @@ wiring is shared by every family (`modeling_slimvlm.py`); this module says how a
 from __future__ import annotations
 
 import torch
-from torch import nn
 from transformers import LlavaForConditionalGeneration, LlavaModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.models.llava.modeling_llava import LlavaModelOutputWithPast, LlavaPreTrainedModel
+from transformers.models.llava.modeling_llava import LlavaModelOutputWithPast
 
 from .compat import can_return_tuple
 from .configuration_slimvlm import LEGACY_LLAVA_RENAMES, SlimLlavaConfig, image_token_count, vision_tokens_per_view
@@ -62,13 +61,7 @@ class SlimLlavaModel(SlimModelMixin, LlavaModel):
         # CLS is always kept under VisionZip, so vision_feature_select_strategy does not apply.
         selection, tower = self._visionzip_views(pixel_values, vision_feature_layer, **kwargs)
         features = self.multi_modal_projector(selection.tokens)
-        return SlimImageFeaturesOutput(
-            last_hidden_state=selection.tokens,
-            pooler_output=list(features),
-            hidden_states=tower.hidden_states if tower is not None else None,
-            attentions=tower.attentions if tower is not None else None,
-            dominant_indices=selection.dominant_indices,
-        )
+        return self._visionzip_output(selection, tower, list(features))
 
 
 class SlimLlavaForConditionalGeneration(SlimGenerationMixin, LlavaForConditionalGeneration):
@@ -80,11 +73,7 @@ class SlimLlavaForConditionalGeneration(SlimGenerationMixin, LlavaForConditional
     config: SlimLlavaConfig
     config_class = SlimLlavaConfig
 
-    def __init__(self, config: SlimLlavaConfig):
-        LlavaPreTrainedModel.__init__(self, config)
-        self.model = SlimLlavaModel(config)
-        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
-        self.post_init()
+    base_model_class = SlimLlavaModel
 
     def image_token_count(self) -> int:
         """Visual tokens per image that reach the language model under the current compression."""

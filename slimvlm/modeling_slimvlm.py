@@ -14,7 +14,8 @@ import json
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
+from torch import nn
+from transformers import DynamicCache, PreTrainedModel
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import WeightRenaming
 from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -175,6 +176,18 @@ class SlimModelMixin(StockInitMixin):
         tower.hidden_states = tower.hidden_states if output_hidden_states else None
         tower.attentions = tower.attentions if output_attentions else None
         return selection, tower
+
+    @staticmethod
+    def _visionzip_output(selection, tower, features: list[torch.Tensor]) -> SlimImageFeaturesOutput:
+        """`get_image_features`' output under VisionZip: `features` (one [N_i, D] tensor per image) as
+        `pooler_output`, the compressed tower tokens, the kept indices and the tower's outputs if asked for."""
+        return SlimImageFeaturesOutput(
+            last_hidden_state=selection.tokens,
+            pooler_output=features,
+            hidden_states=tower.hidden_states if tower is not None else None,
+            attentions=tower.attentions if tower is not None else None,
+            dominant_indices=selection.dominant_indices,
+        )
 
     def _slim_forward(self, cache=None, **inputs):
         """Route a forward by compression method (SparseVLM and VoCo change what happens inside the LM)."""
@@ -394,7 +407,16 @@ class SlimModelMixin(StockInitMixin):
 
 
 class SlimGenerationMixin(StockInitMixin):
-    """Loading, saving and reconfiguring shared by every Slim*ForConditionalGeneration."""
+    """Loading, saving, reconfiguring and VoCo inference shared by every Slim*ForConditionalGeneration."""
+
+    # The family's Slim base model class (set by each family).
+    base_model_class = None
+
+    def __init__(self, config):
+        PreTrainedModel.__init__(self, config)  # the stock __init__ would build the stock base model
+        self.model = self.base_model_class(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):

@@ -201,6 +201,49 @@ def gravity_weights(cos_rows: torch.Tensor, sin_rows: torch.Tensor, cos_cols: to
     return (q @ k.T) / math.sqrt(dim)
 
 
+# The rater-to-visual distances of LLaVA-1.5 prompts (576 visual tokens + the text), where the official v2.0
+# was designed and evaluated: W is positive and well above zero there (>= 1.19 at head_dim 128, spec §8.1).
+GRAVITY_REFERENCE_DISTANCE = 700
+# The floor sits this far (relatively) below that minimum, so float32 rounding never clamps an equal value.
+GRAVITY_FLOOR_MARGIN = 1e-3
+
+
+@dataclass
+class GravityRule:
+    """How v2.0's division by the RoPE gravity W(Δ) is kept well defined on long prompts (our rule).
+
+    W(Δ) = (2/√D)·Σᵢ cos(Δ·θᵢ) decays and oscillates with the rater-to-visual distance Δ; at head_dim 128 it first
+    reaches ≤ 0 at Δ = 1707 (725 at head_dim 64), where the official division is undefined, and it oscillates
+    around small values after that. LLaVA-NeXT and video prompts go that far. The rule: below `first_nonpositive`
+    the official W is used unchanged (every prompt the official code can score keeps its exact scores); from that
+    distance on, W is floored at `floor`, its minimum over the LLaVA-1.5 range Δ ≤ 700 (less a 0.1 % margin), so
+    far tokens are corrected as much as the farthest ones the method was designed for, never more.
+
+    first_nonpositive: the first Δ with W(Δ) ≤ 0 within the prompt's distances (None: none, nothing changes).
+    floor: > 0, or ≤ 0 when the RoPE already reaches W ≤ 0 inside the LLaVA-1.5 range (then no floor exists and a
+        W ≤ 0 that is used still raises, as in the official code).
+    """
+
+    first_nonpositive: int | None
+    floor: float
+
+    @classmethod
+    def for_model(cls, rotary_emb, like: torch.Tensor, max_distance: int) -> "GravityRule":
+        span = max(max_distance, GRAVITY_REFERENCE_DISTANCE)
+        cos, sin = rotary_emb(like[:1, :1], torch.arange(span + 1, device=like.device)[None])
+        table = gravity_weights(cos[0], sin[0], cos[0, :1], sin[0, :1])[:, 0]  # W(Δ), Δ = 0..span
+        nonpositive = torch.nonzero(table[: max_distance + 1] <= 0)
+        first = int(nonpositive[0]) if nonpositive.numel() else None
+        floor = float(table[: GRAVITY_REFERENCE_DISTANCE + 1].min()) * (1 - GRAVITY_FLOOR_MARGIN)
+        return cls(first, floor)
+
+    def apply(self, gravity: torch.Tensor, distances: torch.Tensor) -> torch.Tensor:
+        """W [R, V] at rater-to-visual `distances` [R, V] -> the W to divide by."""
+        if self.first_nonpositive is None or self.floor <= 0:
+            return gravity
+        return torch.where(distances >= self.first_nonpositive, gravity.clamp(min=self.floor), gravity)
+
+
 def visual_scores(
     probs: torch.Tensor, version: str, gravity: torch.Tensor | None = None, num_priority_heads: int = 14
 ) -> torch.Tensor:
@@ -219,8 +262,8 @@ def visual_scores(
         raise ValueError("SparseVLM v2.0 scoring needs the RoPE gravity weights")
     if bool((gravity <= 0).any()):
         raise ValueError(
-            "SparseVLM v2.0 RoPE gravity W <= 0 for some rater/visual distance (prompt too long for the division, "
-            f"min W = {gravity.min().item():.4f}); use compression version '1.5' for long prompts"
+            "SparseVLM v2.0 RoPE gravity W <= 0 for some rater/visual distance, and this model's RoPE has no positive "
+            f"floor over the LLaVA-1.5 distance range (min W = {gravity.min().item():.4f}); use compression version '1.5'"
         )
     corrected = probs / gravity[None]
     heads = min(num_priority_heads, probs.shape[0])
@@ -534,6 +577,8 @@ def sparsevlm_prefill(
     budgets = [scaled_budgets(compression, lay[1]) if lay else [] for lay in layout]
     counts_per_step: list[list[int]] = [[] for _ in range(batch)]
     steps: list[list[PruneStep]] = [[] for _ in range(batch)]
+    if version == "2.0" and plan is None:
+        gravity_rule = GravityRule.for_model(language_model.rotary_emb, inputs_embeds, int(positions.max()))
 
     hidden = inputs_embeds
     for segment, start in enumerate(starts):
@@ -573,7 +618,8 @@ def sparsevlm_prefill(
                 gravity = None
                 if version == "2.0":
                     vc, vs = cos[b][real][v0 : v0 + v], sin[b][real][v0 : v0 + v]
-                    gravity = gravity_weights(rc, rs, vc, vs)
+                    distances = pos[rows][:, None] - pos[v0 : v0 + v][None, :]
+                    gravity = gravity_rule.apply(gravity_weights(rc, rs, vc, vs), distances)
                 scores = visual_scores(probs, version, gravity, compression.get("num_priority_heads", 14))
                 chosen = plan_step(scores, budgets[b][step], version, visual_out, lambda n, b=b: noise(step, b, n))
             steps[b].append(chosen)

@@ -701,8 +701,12 @@ class VoCoDataCollator:
         self.padding_side = padding_side
         self.max_length = max_length
 
+    # What the processor returns for an image, passed on to the model (LLaVA-NeXT adds the anyres `image_sizes`).
+    IMAGE_KEYS = ("pixel_values", "image_sizes")
+
     def encode(self, example: dict) -> dict[str, torch.Tensor]:
-        """One example -> input_ids [L], labels [L] and, with an image, pixel_values [1, 3, H, W]."""
+        """One example -> input_ids [L], labels [L] and, with an image, the processor's image tensors
+        (pixel_values [1, 3, H, W], or [1, views, 3, H, W] and image_sizes [1, 2] for LLaVA-NeXT)."""
         image = example.get("image")
         segments = voco_prompt_segments(example["conversation"], image is not None, self.system_prompt,
                                          self.strip_newlines)
@@ -717,7 +721,7 @@ class VoCoDataCollator:
         if self.max_length is not None:  # right truncation never cuts the image: it comes first
             out = {k: v[: self.max_length] for k, v in out.items()}
         if image is not None:
-            out["pixel_values"] = first["pixel_values"]
+            out.update({key: first[key] for key in self.IMAGE_KEYS if key in first})
         return out
 
     def __call__(self, examples: Iterable[dict]) -> dict[str, torch.Tensor]:
@@ -735,10 +739,20 @@ class VoCoDataCollator:
             for key, (real, pad) in pieces.items():
                 batch[key].append(torch.cat([real, pad] if self.padding_side == "right" else [pad, real]))
         out = {key: torch.stack(value) for key, value in batch.items()}
-        pixels = [e["pixel_values"] for e in encoded if "pixel_values" in e]
-        if pixels:
-            out["pixel_values"] = torch.cat(pixels)
+        for key in self.IMAGE_KEYS:
+            tensors = [e[key] for e in encoded if key in e]
+            if tensors:
+                out[key] = cat_padded(tensors)
         return out
+
+
+def cat_padded(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate along dim 0, zero-padding dim 1 to the longest (anyres images have different view counts;
+    the model reads each image's real views from `image_sizes`, as for the stock processor's batches)."""
+    if tensors[0].dim() < 5:
+        return torch.cat(tensors)
+    views = max(t.shape[1] for t in tensors)
+    return torch.cat([torch.nn.functional.pad(t, (0, 0, 0, 0, 0, 0, 0, views - t.shape[1])) for t in tensors])
 
 
 __all__ = [

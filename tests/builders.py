@@ -128,3 +128,44 @@ def random_images(count: int, size: int = 48, seed: int = 0):
     generator = torch.Generator().manual_seed(seed)
     arrays = (torch.rand(count, size, size, 3, generator=generator) * 255).to(torch.uint8).numpy()
     return [Image.fromarray(array) for array in arrays]
+
+
+# ---- LLaVA-NeXT: 48-px views (24x24 patches), anyres grids of 1x2, 2x1, 2x2, 1x3 and 3x1 views
+
+NEXT_PINPOINTS = [[48, 96], [96, 48], [96, 96], [48, 144], [144, 48]]
+# Original image sizes (height, width) whose best-fit resolution gives each grid (gh, gw).
+NEXT_IMAGE_SIZES = {(2, 2): (90, 90), (1, 2): (45, 90), (3, 1): (150, 45)}
+
+
+def tiny_llava_next_config(**tiny_kwargs):
+    """The tiny LLaVA-1.5 towers (`tiny_llava_config` arguments) in a LLaVA-NeXT config with NEXT_PINPOINTS."""
+    from transformers import LlavaNextConfig
+
+    base = tiny_llava_config(**tiny_kwargs).to_dict()
+    return LlavaNextConfig(vision_config=base["vision_config"], text_config=base["text_config"],
+                           image_token_index=IMAGE_TOKEN_ID, image_grid_pinpoints=NEXT_PINPOINTS)
+
+
+def make_next_processor():
+    from transformers import LlavaNextProcessor
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": 48}, crop_size={"height": 48, "width": 48}, image_grid_pinpoints=NEXT_PINPOINTS,
+        do_convert_rgb=True,
+    )
+    return LlavaNextProcessor(image_processor=image_processor, tokenizer=make_tokenizer(), patch_size=2,
+                              vision_feature_select_strategy="default", num_additional_image_tokens=1)
+
+
+def next_images(grids, seed: int = 0):
+    """PIL images of random noise whose anyres grids are `grids` (keys of NEXT_IMAGE_SIZES)."""
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(seed)
+    images = []
+    for grid in grids:
+        height, width = NEXT_IMAGE_SIZES[grid]
+        array = (torch.rand(height, width, 3, generator=generator) * 255).to(torch.uint8).numpy()
+        images.append(Image.fromarray(array))
+    return images

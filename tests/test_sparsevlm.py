@@ -404,8 +404,9 @@ def test_generate_equals_cache_free_replay(small, version):
     assert generated.tolist() == replay.tolist()
     # Decode positions: v1.5 = that segment's own cache length L_s + t; v2.0 = L + t in every segment.
     segment_lengths = list(dict.fromkeys(report.real_kv_lengths[0]))  # one rotary call per segment with layers
+    steps = [p for p in seen if p.shape[-1] == 1]  # decode calls (one new token); prefill calls cover the prompt
     for t in range(3):
-        decode = seen[len(segment_lengths) * (1 + t): len(segment_lengths) * (2 + t)]
+        decode = steps[len(segment_lengths) * t: len(segment_lengths) * (1 + t)]
         expected = [s + t for s in segment_lengths] if version == "1.5" else [ids.shape[1] + t] * len(segment_lengths)
         assert [int(p.flatten()[-1]) for p in decode] == expected
 
