@@ -1,4 +1,4 @@
-"""`slimvlm` command line: demo | generate | convert | export | push.
+"""`slimvlm` command line: demo | generate | convert | convert-original | export | export-projector | import-projector | push.
 
     slimvlm demo                                   # bundled model, no network: every method, tokens / KV cache / accuracy
     slimvlm demo --image cat.png --question "what color is the circle ?"
@@ -313,6 +313,24 @@ def run_export(args) -> int:
     return 0
 
 
+def run_export_projector(args) -> int:
+    from .conversion.projector import export_projector
+
+    check_model_source(args.model)
+    check_output(args.output, args.overwrite, source=args.model)
+    print(f"wrote {export_projector(args.model, args.output, overwrite=args.overwrite)}")
+    return 0
+
+
+def run_import_projector(args) -> int:
+    from .conversion.projector import import_projector
+
+    check_model_source(args.base, "base")
+    check_output(args.output, args.overwrite, source=args.base)
+    print(f"wrote {import_projector(args.base, args.projector, args.output, overwrite=args.overwrite)}")
+    return 0
+
+
 def run_push(args) -> int:
     from .hub_cards import push_to_hub
 
@@ -382,6 +400,19 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--base", help="with --mode delta: the checkpoint (folder or Hub id) the model was fine-tuned from")
     export.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     export.set_defaults(func=run_export)
+
+    export_proj = command("export-projector", help="write a checkpoint's projector to OUTPUT/projector.safetensors")
+    export_proj.add_argument("model", help="checkpoint folder (stock or slim LLaVA / LLaVA-NeXT)")
+    export_proj.add_argument("output")
+    export_proj.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    export_proj.set_defaults(func=run_export_projector)
+
+    import_proj = command("import-projector", help="copy BASE to OUTPUT with the projector replaced")
+    import_proj.add_argument("base", help="checkpoint folder (stock or slim LLaVA / LLaVA-NeXT)")
+    import_proj.add_argument("projector", help="projector.safetensors (export-projector) or the original mm_projector.bin")
+    import_proj.add_argument("output")
+    import_proj.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    import_proj.set_defaults(func=run_import_projector)
 
     push = command("push", help="upload a slim checkpoint folder (with its card) to the Hub")
     push.add_argument("folder")
