@@ -1,4 +1,4 @@
-"""`slimvlm` command line: demo | generate | convert | export | push.
+"""`slimvlm` command line: demo | generate | convert | convert-original | export | export-projector | import-projector | push.
 
     slimvlm demo                                   # bundled model, no network: every method, tokens / KV cache / accuracy
     slimvlm demo --image cat.png --question "what color is the circle ?"
@@ -264,7 +264,22 @@ def run_convert(args) -> int:
     check_output(args.output, args.overwrite, source=args.source)
     with Progress(3) as progress:
         folder = convert_to_slim(args.source, args.output, compression, base_model=args.base_model,
-                                 overwrite=args.overwrite, progress=progress)
+                                 overwrite=args.overwrite, progress=progress, vision_tower=args.vision_tower)
+    print(f"wrote {folder}")
+    return 0
+
+
+def run_convert_original(args) -> int:
+    from .conversion.llava_original import convert_original_llava, is_original_llava_folder
+
+    check_model_source(args.source, "source")
+    if not is_original_llava_folder(args.source):
+        raise ValueError(f"{args.source} is not a folder of the original LLaVA code's layout (config.json with "
+                         "architectures LlavaLlamaForCausalLM / LlavaMistralForCausalLM); for llava-hf checkpoints use convert")
+    check_output(args.output, args.overwrite, source=args.source)
+    with Progress(5) as progress:
+        folder = convert_original_llava(args.source, args.output, vision_tower=args.vision_tower,
+                                        overwrite=args.overwrite, progress=progress)
     print(f"wrote {folder}")
     return 0
 
@@ -295,6 +310,24 @@ def run_export(args) -> int:
         folder = voco_export.export_voco_weights(model, args.output, mode=args.mode, base_model=args.base or "",
                                                  processor=processor, overwrite=args.overwrite, base_state_dict=base_state)
     print(f"wrote {folder}")
+    return 0
+
+
+def run_export_projector(args) -> int:
+    from .conversion.projector import export_projector
+
+    check_model_source(args.model)
+    check_output(args.output, args.overwrite, source=args.model)
+    print(f"wrote {export_projector(args.model, args.output, overwrite=args.overwrite)}")
+    return 0
+
+
+def run_import_projector(args) -> int:
+    from .conversion.projector import import_projector
+
+    check_model_source(args.base, "base")
+    check_output(args.output, args.overwrite, source=args.base)
+    print(f"wrote {import_projector(args.base, args.projector, args.output, overwrite=args.overwrite)}")
     return 0
 
 
@@ -338,14 +371,25 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--max-new-tokens", type=int, default=32)
     generate.set_defaults(func=run_generate)
 
-    convert = command("convert", help="stock LLaVA checkpoint -> slim checkpoint (safetensors, remote code, card)")
+    convert = command("convert", help="stock LLaVA checkpoint (or original LLaVA-1.5 layout) -> slim checkpoint "
+                      "(safetensors, remote code, card)")
     convert.add_argument("source")
     convert.add_argument("output")
     convert.add_argument("--compression", required=True, help="JSON compression dict")
     convert.add_argument("--base-model", help="Hub id of the base model for the card (default: source, which must "
                          "then be a Hub id or a folder of the Hub cache)")
     convert.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    convert.add_argument("--vision-tower", help="for a source in the original LLaVA code's layout: the CLIP tower "
+                         "(Hub id or folder; default: the config's mm_vision_tower)")
     convert.set_defaults(func=run_convert)
+
+    original = command("convert-original", help="original LLaVA code checkpoint (LLaVA-1.5 / 1.6) -> stock "
+                       "transformers LLaVA / LLaVA-NeXT checkpoint")
+    original.add_argument("source")
+    original.add_argument("output")
+    original.add_argument("--vision-tower", help="the CLIP tower (Hub id or folder; default: the config's mm_vision_tower)")
+    original.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    original.set_defaults(func=run_convert_original)
 
     export = command("export", help="export VoCo weights (voco-only / full / delta) to safetensors")
     export.add_argument("model")
@@ -356,6 +400,19 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--base", help="with --mode delta: the checkpoint (folder or Hub id) the model was fine-tuned from")
     export.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     export.set_defaults(func=run_export)
+
+    export_proj = command("export-projector", help="write a checkpoint's projector to OUTPUT/projector.safetensors")
+    export_proj.add_argument("model", help="checkpoint folder (stock or slim LLaVA / LLaVA-NeXT)")
+    export_proj.add_argument("output")
+    export_proj.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    export_proj.set_defaults(func=run_export_projector)
+
+    import_proj = command("import-projector", help="copy BASE to OUTPUT with the projector replaced")
+    import_proj.add_argument("base", help="checkpoint folder (stock or slim LLaVA / LLaVA-NeXT)")
+    import_proj.add_argument("projector", help="projector.safetensors (export-projector) or the original mm_projector.bin")
+    import_proj.add_argument("output")
+    import_proj.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    import_proj.set_defaults(func=run_import_projector)
 
     push = command("push", help="upload a slim checkpoint folder (with its card) to the Hub")
     push.add_argument("folder")

@@ -84,7 +84,7 @@ def test_push_refuses_folder_without_card(tmp_path):
 
 def test_parser_lists_every_command():
     commands = build_parser()._subparsers._group_actions[0].choices
-    assert set(commands) == {"demo", "generate", "convert", "export", "push"}
+    assert set(commands) == {"demo", "generate", "convert", "convert-original", "export", "export-projector", "import-projector", "push"}
 
 
 @pytest.mark.parametrize("depth", [4, 8, 16, 32])
@@ -191,9 +191,10 @@ def test_push_replaces_a_local_base_model_and_uploads(tmp_path, monkeypatch):
         push_to_hub(folder, "user/repo")
     calls = []
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kw: calls.append(repo_id) or f"https://hub/{repo_id}")
-    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda self, **kw: calls.append(kw["folder_path"]))
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_commit",
+                        lambda self, **kw: calls.append(sorted(op.path_in_repo for op in kw["operations"])))
     assert push_to_hub(folder, "user/repo", base_model=HUB_ID) == "https://hub/user/repo"
-    assert calls == ["user/repo", str(folder)]
+    assert calls == ["user/repo", ["README.md", "config.json"]]
     assert ModelCard.load(folder / "README.md").data.base_model == HUB_ID
 
 

@@ -12,6 +12,7 @@ from typing import Callable
 
 from ..hub_cards import card_for_model, hub_model_id, write_model_card
 from .atomic import atomic_folder, refuse_existing
+from .llava_original import convert_original_llava, is_anyres, is_original_llava_folder
 
 
 def convert_to_slim(
@@ -21,13 +22,16 @@ def convert_to_slim(
     base_model: str | None = None,
     overwrite: bool = False,
     progress: Callable[[str], None] | None = None,
+    vision_tower: str | os.PathLike | None = None,
 ) -> Path:
-    """Load `source` (hub id or folder, current or legacy llava-hf layout) with `compression` and save a slim checkpoint.
+    """Load `source` (hub id or folder, current or legacy llava-hf layout, or a folder of the original LLaVA
+    code's layout) with `compression` and save a slim checkpoint.
 
     Everything that can be checked without the weights is checked before they load: the output folder, the
     card's base model (`base_model`, default `source`: a Hub id), the compression against the model's config,
     and for VoCo a `<voco>` token in the tokenizer (its id becomes `config.voco_token_id` when the config has none).
     progress: called with a short description when each step begins.
+    vision_tower: for an original-layout source, the CLIP tower (`llava_original.convert_original_llava`).
 
     Raises:
         FileExistsError: `output` exists and `overwrite` is False.
@@ -40,6 +44,8 @@ def convert_to_slim(
     output = Path(output)
     refuse_existing(output, overwrite)
     base_model = hub_model_id(base_model or source)
+    if is_original_llava_folder(source):
+        return convert_original_to_slim(source, output, compression, base_model, overwrite, step, vision_tower)
     step(f"reading the config and processor of {source}")
     config = SlimLlavaConfig.from_pretrained(source, compression=compression)
     if config.compression["method"] == "voco":
@@ -61,6 +67,20 @@ def convert_to_slim(
         processor.save_pretrained(staging)
         write_model_card(staging, card_for_model(model, base_model=base_model))
     return output
+
+
+def convert_original_to_slim(source, output: Path, compression: dict | None, base_model: str, overwrite: bool,
+                             progress: Callable[[str], None], vision_tower=None) -> Path:
+    """An original-layout LLaVA-1.5 folder -> stock checkpoint (in a temporary folder) -> slim checkpoint."""
+    import json
+    import tempfile
+
+    if is_anyres(json.loads((Path(source) / "config.json").read_text())):
+        raise ValueError(f"{source} is an original LLaVA-1.6 (anyres) checkpoint; slim LLaVA-NeXT conversion is not "
+                         "available yet: write the stock LLaVA-NeXT checkpoint with `slimvlm convert-original`")
+    with tempfile.TemporaryDirectory(prefix="slimvlm-original-") as stock:
+        stock = convert_original_llava(source, Path(stock) / "stock", vision_tower=vision_tower, progress=progress)
+        return convert_to_slim(stock, output, compression, base_model=base_model, overwrite=overwrite, progress=progress)
 
 
 def checked_voco_token_id(config, tokenizer) -> int:

@@ -31,13 +31,14 @@ OFFICIAL_KEY_MAP: tuple[tuple[str, str | None], ...] = (
 )
 
 
-def map_official_key(key: str) -> str | None:
-    """The slimvlm name of an official weight (None when it is dropped); raises on an unknown key."""
-    for pattern, replacement in OFFICIAL_KEY_MAP:
+def map_official_key(key: str, key_map: tuple[tuple[str, str | None], ...] = OFFICIAL_KEY_MAP,
+                     layout: str = "official VoCo-LLaMA") -> str | None:
+    """The slimvlm name of a weight of the original LLaVA-code layout (None when it is dropped), by the first
+    matching pattern of `key_map`; raises ValueError on an unknown key."""
+    for pattern, replacement in key_map:
         if re.match(pattern, key):
             return None if replacement is None else re.sub(pattern, replacement, key)
-    raise ValueError(f"official VoCo-LLaMA weight {key!r} has no slimvlm mapping; known patterns: "
-                     f"{[p for p, _ in OFFICIAL_KEY_MAP]}")
+    raise ValueError(f"{layout} weight {key!r} has no slimvlm mapping; known patterns: {[p for p, _ in key_map]}")
 
 
 def remap_vocab_rows(matrix: torch.Tensor, official_voco_id: int, base_rows: torch.Tensor | None = None,

@@ -288,6 +288,24 @@ def build_prompt(question: str) -> str:
     return f"USER: {IMAGE_TOKEN}\n{question} ASSISTANT:"
 
 
+# The processor's chat template: a single user turn with one image gives exactly build_prompt's text; answers
+# follow as " ASSISTANT: {answer}</s>", later user turns as " USER: {question}".
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is string -%}{%- set text = message['content'] -%}{%- set images = '' -%}"
+    "{%- else -%}"
+    "{%- set text = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ') -%}"
+    "{%- set images = message['content'] | selectattr('type', 'equalto', 'image') | map(attribute='type')"
+    " | map('replace', 'image', '" + IMAGE_TOKEN + "\\n') | join('') -%}"
+    "{%- endif -%}"
+    "{%- if message['role'] == 'user' -%}{{ ('' if loop.first else ' ') + 'USER: ' + images + text }}"
+    "{%- elif message['role'] == 'assistant' -%}{{ ' ASSISTANT: ' + text + eos_token }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ ' ASSISTANT:' }}{%- endif -%}"
+)
+
+
 def vocabulary() -> list[str]:
     """Every non-special word the prompts and answers can contain, in a fixed order."""
     words = ["USER", "ASSISTANT", ":", "?", "what", "color", "is", "the", "shape", "object", "objects",

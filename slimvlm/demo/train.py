@@ -128,7 +128,7 @@ def build_processor(tokenizer: Any) -> Any:
     image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH,
                           vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                          image_token=shapes.IMAGE_TOKEN)
+                          image_token=shapes.IMAGE_TOKEN, chat_template=shapes.CHAT_TEMPLATE)
 
 
 def autocast(args: argparse.Namespace) -> Any:

@@ -1,153 +1,28 @@
-"""Model cards for slim checkpoints, and pushing a checkpoint folder to the Hub.
+"""Pushing a slim checkpoint folder to the Hub, with its card checked first.
 
-Cards are `huggingface_hub.ModelCard`s whose metadata comes from `ModelCardData`, so the Hub's conventions for
-remote-code VLMs hold by construction: `library_name: transformers`, `pipeline_tag: image-text-to-text`,
-`base_model` (a Hub id, never a local path), `base_model_relation` (only for trained weights: a training-free
-compression is the base model repacked), tags, and `model-index` eval results when given.
+The cards themselves come from the shipped module `slimvlm.modelcard_slimvlm` (which `save_pretrained` and
+`push_to_hub` of the Slim classes use too); its names are re-exported here.
 """
 
 from __future__ import annotations
 
-import json
-import re
 from pathlib import Path
 from typing import Callable
 
-from huggingface_hub import EvalResult, ModelCard, ModelCardData
-from huggingface_hub.errors import HFValidationError
+from huggingface_hub import ModelCard
 from huggingface_hub.utils import validate_repo_id
 
-METHOD_TAGS = {"visionzip": "visionzip", "sparsevlm": "sparsevlm", "voco": "voco-llama"}
-# Methods whose checkpoints carry trained weights; the others are training-free repacks of the base model,
-# for which the Hub wants no relation (it infers one from the files).
-BASE_MODEL_RELATIONS = {"voco": "finetune"}
-FAMILY_TAGS = {"slim_llava": "llava", "slim_llava_next": "llava-next", "slim_video_llava": "video-llava",
-               "slim_mini_gemini": "mini-gemini"}
-METHOD_NOTES = {
-    "none": "No compression: the stock model, wrapped.",
-    "visionzip": (
-        "VisionZip (training-free): each image keeps {dominant} dominant tokens (CLS included; highest CLS attention "
-        "at vision layer L-2) and {contextual} contextual tokens (the rest merged by key similarity), before the "
-        "projector: {tokens} visual tokens per image reach the language model."
-    ),
-    "sparsevlm": (
-        "SparseVLM v{version} (training-free): all visual tokens enter the language model; at decoder layers {layers} "
-        "text raters score them and the least relevant are pruned (v1.5 recycles some into merged tokens)."
-    ),
-    "voco": (
-        "VoCo-LLaMA: the language model distils the image into {num_voco_tokens} <voco> token(s) through an attention "
-        "mask; at inference only their per-layer key/value cache is kept (trained weights)."
-    ),
-}
-# A folder of the local Hub cache: .../models--{namespace}--{name}/snapshots/{revision}
-HUB_CACHE_FOLDER = re.compile(r"models--(?P<repo>[^/\\]+)[/\\]snapshots(?:[/\\]|$)")
-
-
-def hub_model_id(name: str | Path) -> str:
-    """`name` as a Hub model id for a card's `base_model`.
-
-    A folder of the local Hub cache gives the id it was downloaded from. A `namespace/name` string is taken as
-    the id even when a local folder has that path (downloads are often kept there). Anything else that is a
-    local path, or not of the form `name` / `namespace/name`, raises ValueError.
-    """
-    text = str(name)
-    cached = HUB_CACHE_FOLDER.search(text)
-    if cached:
-        return cached["repo"].replace("--", "/")
-    try:
-        validate_repo_id(text)
-        local = "/" not in text and Path(text).expanduser().exists()
-    except HFValidationError:
-        local = True
-    if local:
-        raise ValueError(
-            f"base_model {text!r} is a local path, not a Hub model id; the card must name the Hub model the "
-            "checkpoint derives from: give its id as base_model (--base-model on the command line), "
-            "e.g. llava-hf/llava-1.5-7b-hf"
-        )
-    return text
-
-
-def model_card(
-    compression: dict,
-    tokens_per_image: int,
-    base_model: str | None = None,
-    family: str = "llava",
-    license: str | None = None,
-    datasets: list[str] | None = None,
-    eval_results: list[EvalResult] | None = None,
-    model_name: str | None = None,
-) -> ModelCard:
-    """The card of a slim checkpoint.
-
-    Args:
-        compression: the checkpoint's `config.compression` (canonical form).
-        tokens_per_image: visual-token placeholders the processor writes per image.
-        base_model: Hub id of the model it derives from (a local path raises ValueError); None leaves it out.
-        family: tag of the model family ("llava", "llava-next", ...).
-        eval_results: `huggingface_hub.EvalResult`s, written as `model-index` and as a table in the text.
-        model_name: the name in `model-index` and the title (default: from base_model and method).
-    """
-    method = compression["method"]
-    base_model = None if base_model is None else hub_model_id(base_model)
-    title = f"{base_model.split('/')[-1] if base_model else family} + SlimVLM ({method})"
-    data = ModelCardData(
-        base_model=base_model,
-        base_model_relation=BASE_MODEL_RELATIONS.get(method) if base_model else None,
-        library_name="transformers",
-        pipeline_tag="image-text-to-text",
-        license=license,
-        datasets=datasets,
-        tags=["slimvlm", "visual-token-compression", family] + ([METHOD_TAGS[method]] if method in METHOD_TAGS else []),
-        eval_results=eval_results or None,
-        model_name=(model_name or title) if eval_results else None,
-    )
-    body = [
-        f"# {model_name or title}",
-        "",
-        METHOD_NOTES[method].format(**compression, tokens=tokens_per_image),
-        "",
-        "```python",
-        "from transformers import AutoModelForImageTextToText, AutoProcessor",
-        "",
-        'model = AutoModelForImageTextToText.from_pretrained("<this repo>", trust_remote_code=True)',
-        'processor = AutoProcessor.from_pretrained("<this repo>", trust_remote_code=True)',
-        "```",
-        "",
-        f"- Compression (`config.compression`): `{json.dumps(compression, sort_keys=True)}`",
-        f"- Visual-token placeholders per image written by the processor: {tokens_per_image}",
-        "- Remote code: the modeling, configuration and processing files of SlimVLM travel with this checkpoint;"
-        " they import only torch and transformers.",
-        "- Change the setting after loading with `model.set_compression({...})` and `processor.set_compression({...})`.",
-        "",
-    ]
-    if eval_results:
-        body += ["## Results", "", "| dataset | metric | value |", "|---|---|---|"]
-        body += [f"| {r.dataset_name} | {r.metric_name or r.metric_type} | {r.metric_value} |" for r in eval_results] + [""]
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body))
-
-
-def card_for_model(model, base_model: str | None = None, **kwargs) -> ModelCard:
-    """`model_card` for a loaded Slim model: compression, placeholder count and family come from it.
-
-    base_model defaults to the id the model was loaded from (`config._name_or_path`) when that is a Hub id,
-    and is left out when it was a local folder.
-    """
-    if base_model is None:
-        try:
-            base_model = hub_model_id(model.config._name_or_path or "")
-        except ValueError:
-            base_model = None
-    family = FAMILY_TAGS.get(model.config.model_type, model.config.model_type)
-    return model_card(model.config.compression, model.image_token_count(), base_model, family=family, **kwargs)
-
-
-def write_model_card(folder: str | Path, card: ModelCard, overwrite: bool = True) -> Path:
-    """Write `card` as `folder/README.md` (unless one exists and `overwrite` is False); returns the path."""
-    path = Path(folder) / "README.md"
-    if overwrite or not path.exists():
-        card.save(path)
-    return path
+from ..modelcard_slimvlm import (  # noqa: F401  (re-exported)
+    BASE_MODEL_RELATIONS,
+    CARD_FILE,
+    FAMILY_TAGS,
+    METHOD_NOTES,
+    METHOD_TAGS,
+    card_for_model,
+    hub_model_id,
+    model_card,
+    write_model_card,
+)
 
 
 def checked_card(folder: str | Path, base_model: str | None = None) -> ModelCard:
@@ -177,23 +52,30 @@ def push_to_hub(
     base_model: str | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> str:
-    """Upload a slim checkpoint folder (it must carry a model card) to the Hub; returns the repo URL.
+    """Upload a slim checkpoint folder (it must carry a model card) to the Hub in one commit; returns the repo URL.
 
-    base_model: the Hub id the card names as base model; written into `folder/README.md` before the upload
-        (needed when the card names a local path). Everything is checked before any request is made.
+    base_model: the Hub id the card names as base model (needed when the card names a local path); the
+        uploaded card carries it, and `folder/README.md` is rewritten with it once the upload has succeeded.
+    Everything is checked before any request is made, and a failed upload leaves `folder` as it was.
     progress: called with a short description when each step begins.
     """
-    from huggingface_hub import HfApi
+    from huggingface_hub import CommitOperationAdd, HfApi
 
     step = progress or (lambda description: None)
     step(f"checking {folder}")
     validate_repo_id(repo_id)
+    folder = Path(folder)
     card = checked_card(folder, base_model)
-    if base_model is not None:
-        write_model_card(folder, card)
+    files = sorted(path for path in folder.rglob("*") if path.is_file() and not any(
+        part.startswith(".") for part in path.relative_to(folder).parts))
+    operations = [CommitOperationAdd(path_in_repo=path.relative_to(folder).as_posix(), path_or_fileobj=path)
+                  for path in files if path.relative_to(folder).as_posix() != CARD_FILE]
+    operations.append(CommitOperationAdd(path_in_repo=CARD_FILE, path_or_fileobj=str(card).encode()))
     api = HfApi()
     step(f"creating {repo_id}")
     url = api.create_repo(repo_id, private=private, exist_ok=True)
     step(f"uploading {folder}")
-    api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="Upload SlimVLM checkpoint")
+    api.create_commit(repo_id=repo_id, operations=operations, commit_message="Upload SlimVLM checkpoint")
+    if base_model is not None:
+        write_model_card(folder, card)
     return str(url)
