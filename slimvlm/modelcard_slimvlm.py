@@ -74,7 +74,7 @@ def hub_model_id(name: str | Path) -> str:
 
 def model_card(
     compression: dict,
-    tokens_per_image: int,
+    tokens_per_image: int | str,
     base_model: str | None = None,
     family: str = "llava",
     license: str | None = None,
@@ -87,7 +87,8 @@ def model_card(
 
     Args:
         compression: the checkpoint's `config.compression` (canonical form).
-        tokens_per_image: visual-token placeholders the processor writes per image.
+        tokens_per_image: visual-token placeholders the processor writes per image (a number, or a description
+            where it depends on the image, as for LLaVA-NeXT's anyres grids).
         base_model: Hub id of the model it derives from (a local path raises ValueError); None leaves it out.
         family: tag of the model family ("llava", "llava-next", ...).
         eval_results: `huggingface_hub.EvalResult`s, written as `model-index` and as a table in the text.
@@ -146,7 +147,7 @@ def card_for_model(model, base_model: str | None = None, **kwargs) -> ModelCard:
         except ValueError:
             base_model = None
     family = FAMILY_TAGS.get(model.config.model_type, model.config.model_type)
-    return model_card(model.config.compression, model.image_token_count(), base_model, family=family, **kwargs)
+    return model_card(model.config.compression, model.image_tokens_summary(), base_model, family=family, **kwargs)
 
 
 def write_model_card(folder: str | Path, card: ModelCard, overwrite: bool = True) -> Path:

@@ -75,6 +75,10 @@ class SlimLlavaForConditionalGeneration(SlimGenerationMixin, LlavaForConditional
 
     base_model_class = SlimLlavaModel
 
+    def image_tokens_summary(self) -> str:
+        """The visual tokens per image, in words (model cards)."""
+        return str(self.image_token_count())
+
     def image_token_count(self) -> int:
         """Visual tokens per image that reach the language model under the current compression."""
         tokens = vision_tokens_per_view(self.config.vision_config)

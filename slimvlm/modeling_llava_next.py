@@ -115,6 +115,14 @@ class SlimLlavaNextForConditionalGeneration(SlimGenerationMixin, LlavaNextForCon
 
     base_model_class = SlimLlavaNextModel
 
+    def image_tokens_summary(self) -> str:
+        """The visual tokens per image, in words (model cards): they depend on the image's anyres grid."""
+        compression = self.config.compression
+        if compression["method"] != "visionzip":
+            return "the stock LLaVA-NeXT count (base view + unpadded crops + one newline per row)"
+        per_view = compression["dominant"] + compression["contextual"]
+        return f"(1 + anyres crops) x {per_view} ({5 * per_view} for a 2x2 grid)"
+
     def visionzip_token_count(self, image_size) -> int:
         """Tokens an image of `image_size` (height, width) becomes under VisionZip: (1 + gh·gw)·K."""
         if self.config.compression["method"] != "visionzip":

@@ -21,6 +21,7 @@ from transformers.core_model_loading import WeightRenaming
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import logging
 
+from .modelcard_slimvlm import push_to_hub_with_card, write_card_unless_present
 from .compat import can_return_tuple, call_with_cache, generate_with_cache, generation_cache, model_output, pop_cache, with_cache_argument
 from .sparsevlm import SparseVLMCache, sparsevlm_decode, sparsevlm_prefill
 from .visionzip import encode_with_visionzip, resolve_feature_layer, visionzip_from_hidden_states
@@ -435,11 +436,17 @@ class SlimGenerationMixin(StockInitMixin):
         return self
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """Save weights (safetensors), config, and the remote code with an `auto_map` that also covers AutoModel."""
+        """Save weights (safetensors), config, the remote code with an `auto_map` that also covers AutoModel,
+        and a model card (README.md) unless the folder has one."""
         auto_map = dict(getattr(self.config, "auto_map", None) or {})
         auto_map.setdefault("AutoModel", f"{type(self.model).__module__.split('.')[-1]}.{type(self.model).__name__}")
         self.config.auto_map = auto_map
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        saved = super().save_pretrained(save_directory, *args, **kwargs)
+        write_card_unless_present(self, save_directory)
+        return saved
+
+    # Code, weights, processor and card in one commit (transformers' own would replace the card).
+    push_to_hub = push_to_hub_with_card
 
 
     @property
