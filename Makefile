@@ -7,18 +7,23 @@ PY := $(VENV)/bin/python
 OLDEST_VENV := .venv-oldest
 # Keep in step with the lower bound in pyproject.toml and slimvlm/compat.py (TESTED_TRANSFORMERS_MIN).
 OLDEST_TRANSFORMERS := 5.23.0
+# `slimvlm eval`: lmms-eval without its own requirements (they pull torchvision, timm, wandb, ...); what its core
+# imports is the [eval] extra. Keep in step with slimvlm/eval/__init__.py (LMMS_EVAL_VERSION).
+LMMS_EVAL := lmms-eval==0.7.3
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# CPU torch first: an unpinned torch would pull a multi-GB CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet --upgrade -e ".[test,quantization,bench]"
+	$(PY) -m pip install --quiet --upgrade -e ".[test,quantization,bench,eval]"
+	$(PY) -m pip install --quiet --no-deps "$(LMMS_EVAL)"
 	touch $@
 
 $(OLDEST_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(OLDEST_VENV)
 	$(OLDEST_VENV)/bin/python -m pip install --quiet torch==2.13.0
-	$(OLDEST_VENV)/bin/python -m pip install --quiet -e ".[test,quantization,bench]" "transformers==$(OLDEST_TRANSFORMERS)"
+	$(OLDEST_VENV)/bin/python -m pip install --quiet -e ".[test,quantization,bench,eval]" "transformers==$(OLDEST_TRANSFORMERS)"
+	$(OLDEST_VENV)/bin/python -m pip install --quiet --no-deps "$(LMMS_EVAL)"
 	touch $@
 
 setup: $(VENV)/.installed

@@ -1,4 +1,4 @@
-"""`slimvlm` command line: demo | generate | convert | convert-original | export | export-projector | import-projector | push.
+"""`slimvlm` command line: demo | generate | convert | convert-original | export | export-projector | import-projector | push | eval.
 
     slimvlm demo                                   # bundled model, no network: every method, tokens / KV cache / accuracy
     slimvlm demo --image cat.png --question "what color is the circle ?"
@@ -7,6 +7,7 @@
     slimvlm convert llava-hf/llava-1.5-7b-hf out/ --compression '{"method": "visionzip", "tokens": 64}'
     slimvlm export out/voco-model exported/ --mode voco-only
     slimvlm push out/ my-user/llava-1.5-7b-visionzip-64
+    slimvlm eval --tasks gqa --output_path out --model_args 'pretrained=llava-hf/llava-1.5-7b-hf,compression={"method":"visionzip","tokens":64}'
 
 Bad input ends in one line on stderr naming the problem and the fix, and exit status 1; add --debug to any
 command for the full traceback. Long steps show a progress bar on a terminal (tqdm when installed).
@@ -340,6 +341,12 @@ def run_push(args) -> int:
     return 0
 
 
+def run_eval(args) -> int:
+    from .eval.run import run_eval as evaluate
+
+    return evaluate(args.lmms_args, args.compare)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .conversion.voco_export import EXPORT_MODES
 
@@ -421,6 +428,12 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--base-model", help="Hub id to write as the card's base_model before uploading "
                       "(needed when the card names a local path)")
     push.set_defaults(func=run_push)
+
+    evaluate = commands.add_parser("eval", parents=[common], allow_abbrev=False,
+                                   help="lmms-eval with the slimvlm backend (every other argument goes to lmms-eval)")
+    evaluate.add_argument("--compare", metavar="SETTINGS", help="JSON object label -> compression (or model_args "
+                          "overrides), inline or a file: run the tasks once per setting (none added) and write one table")
+    evaluate.set_defaults(func=run_eval)
     return parser
 
 
@@ -435,7 +448,11 @@ def one_line(error: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; an error ends in one line on stderr and exit status 1 (--debug: the traceback)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "eval":  # only `eval` passes arguments on (to lmms-eval)
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.lmms_args = rest
     try:
         with fewer_notices():
             return args.func(args)
