@@ -10,6 +10,7 @@ from .configuration_slimvlm import SlimLlavaConfig, SlimLlavaNextConfig, normali
 from .modeling_llava import DEFAULT_QUANTIZATION_SKIP_MODULES, SlimLlavaForConditionalGeneration, SlimLlavaModel
 from .modeling_llava_next import SlimLlavaNextForConditionalGeneration, SlimLlavaNextModel
 from .processing_slimvlm import SlimLlavaNextProcessor, SlimLlavaProcessor
+from .auto import AutoSlimModel, AutoSlimProcessor
 from .voco import VoCoCache, VoCoDataCollator, add_voco_token, build_voco_prompt, build_voco_text_prompt, freeze_vision_tower
 
 __version__ = "0.1.0"
@@ -25,6 +26,8 @@ for _config, _model, _generation, _processor in FAMILIES:
     AutoProcessor.register(_config, _processor, exist_ok=True)
 
 __all__ = [
+    "AutoSlimModel",
+    "AutoSlimProcessor",
     "DEFAULT_QUANTIZATION_SKIP_MODULES",
     "SlimLlavaConfig",
     "SlimLlavaForConditionalGeneration",

@@ -168,26 +168,29 @@ def load(model_id: str | Path, compression: dict | None = None, dtype: torch.dty
     """A Slim model and processor from a stock or Slim checkpoint (local folder or hub id).
 
     The compression is checked against the model's config (depth, vision tower) before any weight loads."""
-    from . import SlimLlavaConfig, SlimLlavaForConditionalGeneration, SlimLlavaProcessor
+    from .auto import family_of
+
+    family = family_of(model_id)
 
     # Passing compression=None would reset a slim checkpoint's own setting to "none": only pass what was asked.
     overrides = {} if compression is None else {"compression": compression}
-    config = SlimLlavaConfig.from_pretrained(model_id, **overrides)
-    model = SlimLlavaForConditionalGeneration.from_pretrained(model_id, config=config, dtype=dtype).eval()
-    processor = SlimLlavaProcessor.from_pretrained(model_id, compression=model.config.compression)
+    config = family.config.from_pretrained(model_id, **overrides)
+    model = family.generation.from_pretrained(model_id, config=config, dtype=dtype).eval()
+    processor = family.processor.from_pretrained(model_id, compression=model.config.compression)
     processor.tokenizer.padding_side = "left"
     return model, processor
 
 
 
 
-def visual_tokens_kept(model, outputs) -> str:
-    """What reached (or stayed in) the language model, as a short string."""
+def visual_tokens_kept(model, inputs) -> str:
+    """What reached (or stayed in) the language model for the first sample, as a short string."""
     if model.config.compression["method"] == "sparsevlm":
         # SparseVLM prunes inside the LLM: report its "equal tokens" (mean visual tokens over the layers).
         equal_tokens = model.sparsevlm_report.equal_tokens
-        return f"ET {sum(equal_tokens) / len(equal_tokens):.1f}"
-    return str(model.image_token_count())
+        return f"ET {equal_tokens[0]:.1f}"
+    # The placeholders the processor wrote: the compressed count (it depends on the image for LLaVA-NeXT).
+    return str(int((inputs["input_ids"][0] == model.config.image_token_id).sum()))
 
 
 def time_prefill(model, inputs, repeats: int = 3) -> tuple[float, object]:
@@ -201,15 +204,16 @@ def time_prefill(model, inputs, repeats: int = 3) -> tuple[float, object]:
     return statistics.median(times), outputs
 
 
-def answer(model, processor, images, questions, prompt_builder, max_new_tokens: int = 8) -> tuple[list[str], float, object]:
+def answer(model, processor, images, questions, prompt_builder, max_new_tokens: int = 8) -> tuple[list[str], float, dict]:
+    """Greedy answers, the median prefill seconds, and the processor's inputs."""
     inputs = processor(text=[prompt_builder(q) for q in questions], images=images, padding=True, return_tensors="pt")
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-    seconds, outputs = time_prefill(model, inputs)
+    seconds, _ = time_prefill(model, inputs)
     with torch.inference_mode():
         generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     texts = processor.tokenizer.batch_decode(generated[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-    return [text.strip() for text in texts], seconds, outputs
+    return [text.strip() for text in texts], seconds, inputs
 
 
 def run_demo(args) -> int:
@@ -251,9 +255,9 @@ def run_generate(args) -> int:
         model, processor = load(args.model, compression, dtype=getattr(torch, args.dtype))
         progress("generating")
         prompt = args.prompt or default_prompt(model, args.question)
-        texts, seconds, outputs = answer(model, processor, [image], [args.question], lambda q: prompt, args.max_new_tokens)
+        texts, seconds, inputs = answer(model, processor, [image], [args.question], lambda q: prompt, args.max_new_tokens)
     print(texts[0])
-    print(f"[visual tokens {visual_tokens_kept(model, outputs)}, prefill {seconds * 1e3:.1f} ms]", file=sys.stderr)
+    print(f"[visual tokens {visual_tokens_kept(model, inputs)}, prefill {seconds * 1e3:.1f} ms]", file=sys.stderr)
     return 0
 
 
@@ -286,7 +290,7 @@ def run_convert_original(args) -> int:
 
 
 def run_export(args) -> int:
-    from . import SlimLlavaConfig, SlimLlavaForConditionalGeneration
+    from .auto import family_of
     from .conversion import voco_export
 
     check_model_source(args.model)
@@ -296,7 +300,8 @@ def run_export(args) -> int:
     if args.base is not None:
         check_model_source(args.base, "--base")
     check_output(args.output, args.overwrite, source=args.model)
-    config = SlimLlavaConfig.from_pretrained(args.model)
+    family = family_of(args.model)
+    config = family.config.from_pretrained(args.model)
     if config.voco_token_id is None:
         raise ValueError(f"{args.model} is not a VoCo checkpoint (config.voco_token_id is None, compression "
                          f"{config.compression}); export needs one: slimvlm.voco.add_voco_token, then VoCo training")
@@ -306,7 +311,7 @@ def run_export(args) -> int:
         base_state = None
         if args.base is not None:
             progress(f"loading {args.base}")
-            base_state = SlimLlavaForConditionalGeneration.from_pretrained(args.base, dtype=model.dtype).state_dict()
+            base_state = family.generation.from_pretrained(args.base, dtype=model.dtype).state_dict()
         progress(f"exporting ({args.mode}) to {args.output}")
         folder = voco_export.export_voco_weights(model, args.output, mode=args.mode, base_model=args.base or "",
                                                  processor=processor, overwrite=args.overwrite, base_state_dict=base_state)

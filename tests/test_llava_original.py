@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from transformers import (CLIPImageProcessor, LlavaForConditionalGeneration, LlavaNextConfig,
                           LlavaNextForConditionalGeneration, LlavaNextImageProcessor, LlavaNextProcessor, LlavaProcessor)
 
-from slimvlm import SlimLlavaForConditionalGeneration
+from slimvlm import SlimLlavaForConditionalGeneration, SlimLlavaNextForConditionalGeneration
 from slimvlm.conversion.llava_original import convert_original_llava, is_original_llava_folder
 from slimvlm.conversion.slim_checkpoint import convert_to_slim
 
@@ -160,9 +160,11 @@ def test_the_cli_converts_an_original_folder(tmp_path, capsys):
                  "--base-model", "liuhaotian/llava-v1.5-7b", "--vision-tower", str(tmp_path / "tower")]) == 0
     assert SlimLlavaForConditionalGeneration.from_pretrained(tmp_path / "slim").image_token_count() == 16
     next_source = write_original(stock_llava_next(), tmp_path / "next" / "original", False, anyres=True)
-    assert main(["convert", str(next_source), str(tmp_path / "next-slim"), "--compression", '{"method": "none"}',
-                 "--base-model", "liuhaotian/llava-v1.6-vicuna-7b"]) == 1
-    assert "convert-original" in capsys.readouterr().err
+    # An original 1.6 (anyres) folder converts straight into a slim LLaVA-NeXT checkpoint.
+    assert main(["convert", str(next_source), str(tmp_path / "next-slim"), "--compression", '{"method": "visionzip", "tokens": 16}',
+                 "--base-model", "liuhaotian/llava-v1.6-vicuna-7b", "--vision-tower", str(tmp_path / "next" / "tower")]) == 0
+    slim_next = SlimLlavaNextForConditionalGeneration.from_pretrained(tmp_path / "next-slim")
+    assert slim_next.config.compression["dominant"] + slim_next.config.compression["contextual"] == 16
     assert main(["convert-original", str(next_source), str(tmp_path / "next-stock"),
                  "--vision-tower", str(tmp_path / "next" / "tower")]) == 0
     assert LlavaNextForConditionalGeneration.from_pretrained(tmp_path / "next-stock").config.image_grid_pinpoints == PINPOINTS

@@ -1,4 +1,4 @@
-"""Stock LLaVA-1.5 checkpoint -> slim checkpoint: safetensors in the current layout, remote code, processor, card.
+"""Stock checkpoint of a supported family (LLaVA-1.5, LLaVA-NeXT, ...) -> slim checkpoint: safetensors in the current layout, remote code, processor, card.
 
 The output appears whole or not at all: everything is written to a temporary folder beside it and moved
 into place at the end.
@@ -12,7 +12,7 @@ from typing import Callable
 
 from ..hub_cards import card_for_model, hub_model_id, write_model_card
 from .atomic import atomic_folder, refuse_existing
-from .llava_original import convert_original_llava, is_anyres, is_original_llava_folder
+from .llava_original import convert_original_llava, is_original_llava_folder
 
 
 def convert_to_slim(
@@ -38,7 +38,7 @@ def convert_to_slim(
         ValueError: `compression` is invalid for this model, `base_model` is no Hub id, VoCo without a `<voco>`
             token, or a weight of the model was not found in `source`.
     """
-    from .. import SlimLlavaConfig, SlimLlavaForConditionalGeneration, SlimLlavaProcessor
+    from ..auto import family_of
 
     step = progress or (lambda description: None)
     output = Path(output)
@@ -47,17 +47,18 @@ def convert_to_slim(
     if is_original_llava_folder(source):
         return convert_original_to_slim(source, output, compression, base_model, overwrite, step, vision_tower)
     step(f"reading the config and processor of {source}")
-    config = SlimLlavaConfig.from_pretrained(source, compression=compression)
+    family = family_of(source)
+    config = family.config.from_pretrained(source, compression=compression)
     if config.compression["method"] == "voco":
         from transformers import AutoTokenizer
 
         config.voco_token_id = checked_voco_token_id(config, AutoTokenizer.from_pretrained(source))
-    processor = SlimLlavaProcessor.from_pretrained(source, compression=config.compression)
+    processor = family.processor.from_pretrained(source, compression=config.compression)
     step(f"loading the weights of {source}")
-    model, info = SlimLlavaForConditionalGeneration.from_pretrained(source, config=config, output_loading_info=True)
+    model, info = family.generation.from_pretrained(source, config=config, output_loading_info=True)
     if info["missing_keys"] or info["mismatched_keys"]:
         raise ValueError(
-            f"{source} does not provide every weight of SlimLlavaForConditionalGeneration: "
+            f"{source} does not provide every weight of {family.generation.__name__}: "
             f"missing {sorted(info['missing_keys'])[:10]}, mismatched {sorted(info['mismatched_keys'])[:10]}"
         )
 
@@ -71,13 +72,10 @@ def convert_to_slim(
 
 def convert_original_to_slim(source, output: Path, compression: dict | None, base_model: str, overwrite: bool,
                              progress: Callable[[str], None], vision_tower=None) -> Path:
-    """An original-layout LLaVA-1.5 folder -> stock checkpoint (in a temporary folder) -> slim checkpoint."""
-    import json
+    """An original-layout LLaVA-1.5 or 1.6 folder -> stock LLaVA / LLaVA-NeXT checkpoint (in a temporary folder)
+    -> slim checkpoint."""
     import tempfile
 
-    if is_anyres(json.loads((Path(source) / "config.json").read_text())):
-        raise ValueError(f"{source} is an original LLaVA-1.6 (anyres) checkpoint; slim LLaVA-NeXT conversion is not "
-                         "available yet: write the stock LLaVA-NeXT checkpoint with `slimvlm convert-original`")
     with tempfile.TemporaryDirectory(prefix="slimvlm-original-") as stock:
         stock = convert_original_llava(source, Path(stock) / "stock", vision_tower=vision_tower, progress=progress)
         return convert_to_slim(stock, output, compression, base_model=base_model, overwrite=overwrite, progress=progress)

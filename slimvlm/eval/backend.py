@@ -4,7 +4,7 @@
         --model_args 'pretrained=llava-hf/llava-1.5-7b-hf,compression={"method":"visionzip","tokens":64},dtype=float16'
 
 Model arguments (lmms-eval's `key=value,...`; a JSON value may contain commas, lmms-eval splits around braces):
-  pretrained            checkpoint folder or Hub id (stock `llava` or `slim_llava`, ... see FAMILIES)
+  pretrained            checkpoint folder or Hub id of any supported family, stock or slim (slimvlm.auto.families())
   compression           JSON compression dict (default: the checkpoint's own; a stock checkpoint: none)
   dtype                 auto (the checkpoint's) | float32 | float16 | bfloat16
   device                cpu | cuda | cuda:N (default: cuda when available); ignored with device_map
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import dataclass
 
 import torch
 from lmms_eval import utils as lmms_utils
@@ -32,16 +31,9 @@ from lmms_eval.api.model import lmms
 from PIL import Image
 from tqdm import tqdm
 
+from ..auto import family_of
 from .efficiency import BatchRecord, EfficiencyLog, PrefillTimer
 
-# config.model_type -> the family's class-name stem in slimvlm (Slim<Stem>Config / ForConditionalGeneration /
-# Processor). A family that slimvlm does not export yet fails with a clear error when used.
-FAMILIES = {
-    "llava": "Llava", "slim_llava": "Llava",
-    "llava_next": "LlavaNext", "slim_llava_next": "LlavaNext",
-    "video_llava": "VideoLlava", "slim_video_llava": "VideoLlava",
-    "slim_mini_gemini": "MiniGemini",
-}
 PROMPT_FORMATS = ("auto", "chat_template", "llava", "vicuna_v1")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 # LLaVA's official evaluation prompt (conv_vicuna_v1), as the VisionZip and SparseVLM papers evaluated.
@@ -52,32 +44,6 @@ LMMS_IGNORED_KEYS = ("max_batch_size",)  # passed by lmms-eval to every backend
 DEFAULT_MAX_NEW_TOKENS = 128
 
 RUNS: list[EfficiencyLog] = []  # every backend's log, in creation order (`slimvlm eval` writes them out)
-
-
-@dataclass(frozen=True)
-class Family:
-    config: type
-    model: type
-    processor: type
-
-
-def family_for(pretrained: str, revision: str | None = None) -> Family:
-    """The Slim classes for a checkpoint, from its config's model_type (read without loading weights)."""
-    from transformers import PretrainedConfig
-
-    import slimvlm
-
-    model_type = PretrainedConfig.get_config_dict(pretrained, revision=revision)[0].get("model_type")
-    if model_type not in FAMILIES:
-        raise ValueError(f"model_args pretrained={pretrained}: model_type {model_type!r} is not a supported family; "
-                         f"supported: {sorted(FAMILIES)}")
-    stem = FAMILIES[model_type]
-    names = [f"Slim{stem}Config", f"Slim{stem}ForConditionalGeneration", f"Slim{stem}Processor"]
-    missing = [name for name in names if not hasattr(slimvlm, name)]
-    if missing:
-        raise ValueError(f"model_args pretrained={pretrained}: family {stem} (model_type {model_type!r}) is not "
-                         f"available in this slimvlm version (missing slimvlm.{missing[0]})")
-    return Family(*(getattr(slimvlm, name) for name in names))
 
 
 def parse_compression(value) -> dict | None:
@@ -148,7 +114,7 @@ class SlimVLM(lmms):
         if self._device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self._device)
 
-        family = family_for(str(pretrained), revision)
+        family = family_of(str(pretrained), revision=revision)
         overrides = {} if compression is None else {"compression": compression}  # None keeps a slim checkpoint's own
         config = family.config.from_pretrained(pretrained, revision=revision, **overrides)
         load = {"config": config, "revision": revision, "dtype": dtype if dtype == "auto" else getattr(torch, dtype),
@@ -159,7 +125,7 @@ class SlimVLM(lmms):
             from transformers import BitsAndBytesConfig
 
             load["quantization_config"] = BitsAndBytesConfig(**quantize)
-        self.model = family.model.from_pretrained(pretrained, **load).eval()
+        self.model = family.generation.from_pretrained(pretrained, **load).eval()
         self.processor = family.processor.from_pretrained(pretrained, revision=revision, compression=self.model.config.compression)
         self.tokenizer = self.processor.tokenizer
         self.tokenizer.padding_side = "left"
