@@ -190,11 +190,9 @@ def tiny_mini_gemini_config(hd: bool = False, **tiny_kwargs) -> dict:
 
 def make_mgm_image_processor(size_aux: int):
     """MGM's preprocessing (PIL backend): pad to square with the mean colour, CLIP resize/crop at the aux size."""
-    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+    from slimvlm.conversion.mini_gemini_original import mgm_image_processor
 
-    return LlavaImageProcessorPil(do_pad=True, size={"shortest_edge": size_aux}, crop_size={"height": size_aux, "width": size_aux},
-                                  image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
-                                  do_convert_rgb=True)
+    return mgm_image_processor(size_aux)
 
 
 def make_mgm_processor(hd: bool = False, compression=None, padding_side: str = "left"):
