@@ -662,3 +662,53 @@ def test_quantized_loading_keeps_both_towers_mining_and_projector_full_precision
                                                                    padding=True)
     with torch.no_grad():
         assert model.generate(**inputs, max_new_tokens=3, do_sample=False).shape[0] == 2
+
+
+# ------------------------------------------------------------------------------------------ 5. LLM variants
+
+
+def text_variant(family: str) -> dict:
+    from transformers import AutoConfig
+
+    extra = {"mixtral": dict(num_local_experts=2, num_experts_per_tok=1), "gemma": dict(head_dim=8)}.get(family, {})
+    return AutoConfig.for_model(family, vocab_size=49, hidden_size=32, intermediate_size=16, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, **extra).to_dict()
+
+
+@pytest.mark.parametrize("family", ["mistral", "mixtral", "gemma"])
+def test_other_language_models_build_through_automodel_and_generate(images, family):
+    torch.manual_seed(0)
+    config = SlimMiniGeminiConfig(**{**tiny_mini_gemini_config(), "text_config": text_variant(family)})
+    model = SlimMiniGeminiForConditionalGeneration(config).eval()
+    assert model.model.language_model.config.model_type == family
+    if family == "gemma":
+        assert config.tie_word_embeddings and model.lm_head.weight is model.get_input_embeddings().weight
+    inputs = make_mgm_processor()(images=images[:2], text=PROMPTS[:2], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        assert model.generate(**inputs, **SETTINGS).shape[0] == 2
+
+
+def test_mixtral_legacy_per_expert_keys_load_fused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    model = SlimMiniGeminiForConditionalGeneration(
+        SlimMiniGeminiConfig(**{**tiny_mini_gemini_config(), "text_config": text_variant("mixtral")})).eval()
+    model.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    prefix = "model.language_model.layers.{}."
+    for layer in range(2):
+        p = prefix.format(layer)
+        if p + "mlp.experts.gate_up_proj" in state:  # write the legacy layout by hand (w1 then w3; w2)
+            gate_up, down = state.pop(p + "mlp.experts.gate_up_proj"), state.pop(p + "mlp.experts.down_proj")
+            for e in range(2):
+                w1, w3 = gate_up[e].chunk(2)
+                state.update({f"{p}block_sparse_moe.experts.{e}.w1.weight": w1, f"{p}block_sparse_moe.experts.{e}.w3.weight": w3,
+                              f"{p}block_sparse_moe.experts.{e}.w2.weight": down[e]})
+            state[p + "block_sparse_moe.gate.weight"] = state.pop(p + "mlp.gate.weight")
+    assert any("block_sparse_moe.experts.1.w3" in key for key in state)
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    loaded, info = SlimMiniGeminiForConditionalGeneration.from_pretrained(tmp_path, output_loading_info=True)
+    assert not any(info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
