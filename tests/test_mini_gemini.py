@@ -712,3 +712,14 @@ def test_mixtral_legacy_per_expert_keys_load_fused(tmp_path):
     assert not any(info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_slimvlm_convert_takes_an_original_mgm_folder(tmp_path, towers):
+    from slimvlm.cli import main
+
+    source = write_original_folder(tmp_path / "MGM-7B-HD", slim_mgm(hd=True))
+    assert main(["convert", str(source), str(tmp_path / "slim"), "--compression", '{"method": "visionzip", "tokens": 16}',
+                 "--base-model", "YanweiLi/MGM-7B-HD", "--vision-tower", str(towers[1] / "clip")]) == 0
+    model = SlimMiniGeminiForConditionalGeneration.from_pretrained(tmp_path / "slim")
+    assert model.config.compression == {"method": "visionzip", "dominant": 14, "contextual": 2}
+    assert model.image_token_count() == 5 * 16 and "YanweiLi/MGM-7B-HD" in (tmp_path / "slim" / "README.md").read_text()
