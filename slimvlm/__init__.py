@@ -6,10 +6,17 @@ AutoProcessor. This module is not shipped with checkpoints; the flat modules it 
 
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
-from .configuration_slimvlm import SlimLlavaConfig, SlimLlavaNextConfig, normalize_compression, split_visionzip_tokens
+from .configuration_slimvlm import (
+    SlimLlavaConfig,
+    SlimLlavaNextConfig,
+    SlimMiniGeminiConfig,
+    normalize_compression,
+    split_visionzip_tokens,
+)
 from .modeling_llava import DEFAULT_QUANTIZATION_SKIP_MODULES, SlimLlavaForConditionalGeneration, SlimLlavaModel
 from .modeling_llava_next import SlimLlavaNextForConditionalGeneration, SlimLlavaNextModel
-from .processing_slimvlm import SlimLlavaNextProcessor, SlimLlavaProcessor
+from .modeling_mini_gemini import SlimMiniGeminiForConditionalGeneration, SlimMiniGeminiModel
+from .processing_slimvlm import SlimLlavaNextProcessor, SlimLlavaProcessor, SlimMiniGeminiProcessor
 from .auto import AutoSlimModel, AutoSlimProcessor
 from .voco import VoCoCache, VoCoDataCollator, add_voco_token, build_voco_prompt, build_voco_text_prompt, freeze_vision_tower
 
@@ -18,6 +25,7 @@ __version__ = "0.1.0"
 FAMILIES = (
     (SlimLlavaConfig, SlimLlavaModel, SlimLlavaForConditionalGeneration, SlimLlavaProcessor),
     (SlimLlavaNextConfig, SlimLlavaNextModel, SlimLlavaNextForConditionalGeneration, SlimLlavaNextProcessor),
+    (SlimMiniGeminiConfig, SlimMiniGeminiModel, SlimMiniGeminiForConditionalGeneration, SlimMiniGeminiProcessor),
 )
 for _config, _model, _generation, _processor in FAMILIES:
     AutoConfig.register(_config.model_type, _config, exist_ok=True)
@@ -37,6 +45,10 @@ __all__ = [
     "SlimLlavaNextModel",
     "SlimLlavaNextProcessor",
     "SlimLlavaProcessor",
+    "SlimMiniGeminiConfig",
+    "SlimMiniGeminiForConditionalGeneration",
+    "SlimMiniGeminiModel",
+    "SlimMiniGeminiProcessor",
     "VoCoCache",
     "VoCoDataCollator",
     "add_voco_token",

@@ -269,7 +269,8 @@ def run_convert(args) -> int:
     check_output(args.output, args.overwrite, source=args.source)
     with Progress(3) as progress:
         folder = convert_to_slim(args.source, args.output, compression, base_model=args.base_model,
-                                 overwrite=args.overwrite, progress=progress, vision_tower=args.vision_tower)
+                                 overwrite=args.overwrite, progress=progress, vision_tower=args.vision_tower,
+                                 vision_tower_aux=args.vision_tower_aux)
     print(f"wrote {folder}")
     return 0
 
@@ -383,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--max-new-tokens", type=int, default=32)
     generate.set_defaults(func=run_generate)
 
-    convert = command("convert", help="stock LLaVA checkpoint (or original LLaVA-1.5 layout) -> slim checkpoint "
+    convert = command("convert", help="stock LLaVA checkpoint (or original LLaVA-1.5 / Mini-Gemini layout) -> slim checkpoint "
                       "(safetensors, remote code, card)")
     convert.add_argument("source")
     convert.add_argument("output")
@@ -393,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     convert.add_argument("--vision-tower", help="for a source in the original LLaVA code's layout: the CLIP tower "
                          "(Hub id or folder; default: the config's mm_vision_tower)")
+    convert.add_argument("--vision-tower-aux", help="for an original Mini-Gemini folder without ConvNeXt weights: the "
+                         "open_clip checkpoint (file, folder or Hub id; default: the config's mm_vision_tower_aux)")
     convert.set_defaults(func=run_convert)
 
     original = command("convert-original", help="original LLaVA code checkpoint (LLaVA-1.5 / 1.6) -> stock "

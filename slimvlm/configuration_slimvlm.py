@@ -13,7 +13,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from transformers import LlavaConfig, LlavaNextConfig
+from transformers import AutoConfig, LlavaConfig, LlavaNextConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
 
 from .compat import TESTED_RANGE  # noqa: F401  (importing compat warns once outside the tested range)
 
@@ -342,3 +343,59 @@ def anyres_visionzip_token_count(compression: dict, grid: tuple[int, int]) -> in
     Shared by the processor (placeholders) and the model (features), specs/visionzip.md §7.2.
     """
     return (1 + grid[0] * grid[1]) * (compression["dominant"] + compression["contextual"])
+
+
+# The high-resolution ConvNeXt of every Mini-Gemini release: open_clip convnext_large_d_320 (timm convnext_large).
+MINI_GEMINI_CONVNEXT = {"hidden_sizes": [192, 384, 768, 1536], "depths": [3, 3, 27, 3], "patch_size": 4,
+                        "hidden_act": "gelu", "layer_scale_init_value": 1e-6, "drop_path_rate": 0.0}
+
+
+class SlimMiniGeminiConfig(SlimCompressionMixin, LlavaConfig):
+    """Mini-Gemini (MGM, MGM-HD; specs/mini_gemini.md §10): LLaVA-1.5 plus a high-resolution ConvNeXt tower.
+
+    vision_config: the low-resolution CLIP tower (336 px, 24x24 patches per view).
+    vision_config_aux: the high-resolution `ConvNextConfig`; its stage widths sum to the mined width C'.
+    image_size_aux: side of the ConvNeXt input (768 for MGM, 1536 for MGM-HD).
+    image_grid: CLIP views per side (1, or 2 for HD); image_global: HD adds a global CLIP view.
+    An image becomes `views` x 576 tokens (views = image_grid² + image_global) in the order [global, crops
+    row-major]; VisionZip counts are per view.
+    """
+
+    model_type = "slim_mini_gemini"
+    sub_configs_defaults = {
+        **LlavaConfig.sub_configs_defaults,
+        "vision_config_aux": SubConfigSpec(config_class=AutoConfig, model_type="convnext", init_kwargs=MINI_GEMINI_CONVNEXT),
+    }
+
+    vision_config_aux: dict | PreTrainedConfig | None = None
+    image_size_aux: int = 768
+    image_grid: int = 1
+    image_global: bool = False
+    compression: dict | None = None
+    voco_token_id: int | None = None
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        for field, value in (("image_grid", self.image_grid), ("image_size_aux", self.image_size_aux)):
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"SlimMiniGeminiConfig.{field} must be a positive integer, got {value!r}")
+        if not isinstance(self.image_global, bool):
+            raise TypeError(f"SlimMiniGeminiConfig.image_global must be True or False, got {self.image_global!r}")
+        if self.vision_feature_select_strategy != "default":
+            raise ValueError(
+                "SlimMiniGeminiConfig.vision_feature_select_strategy must be 'default' (patch mining needs the square "
+                f"patch grid without CLS), got {self.vision_feature_select_strategy!r}"
+            )
+
+    @property
+    def views_per_image(self) -> int:
+        """CLIP views one image becomes: image_grid² crops, plus the global view under HD."""
+        return self.image_grid**2 + int(self.image_global)
+
+
+def mini_gemini_token_count(compression: dict, patches_per_view: int, views: int) -> int:
+    """Tokens one Mini-Gemini image becomes: `views` x (576, or d + c under VisionZip).
+
+    Shared by the processor (placeholders) and the model (features).
+    """
+    return views * image_token_count(compression, patches_per_view)

@@ -156,8 +156,11 @@ class SlimModelMixin(StockInitMixin):
     # The family's `*ModelOutputWithPast` class (set by each family).
     output_class = None
 
-    def _visionzip_views(self, pixel_values: torch.Tensor, vision_feature_layer, **kwargs):
+    def _visionzip_views(self, pixel_values: torch.Tensor, vision_feature_layer, transform=None, **kwargs):
         """VisionZip on a batch of independent views [V, 3, H, W] of the vision tower.
+
+        transform: optional [V, N, C] -> [V, N, C] on the scoring layer's output before selection (Mini-Gemini's
+        patch mining); see `visionzip.encode_with_visionzip`.
 
         Returns (selection, tower_outputs): `tower_outputs` is the whole tower's output when the caller asked
         for `output_hidden_states` / `output_attentions` (the tower then runs to the end, as in the stock
@@ -170,10 +173,12 @@ class SlimModelMixin(StockInitMixin):
         output_hidden_states = kwargs.get("output_hidden_states", self.config.output_hidden_states)
         output_attentions = kwargs.get("output_attentions", self.config.output_attentions)
         if not (output_hidden_states or output_attentions):
-            return encode_with_visionzip(self.vision_tower, pixel_values, feature_layer, dominant, contextual), None
+            return encode_with_visionzip(self.vision_tower, pixel_values, feature_layer, dominant, contextual,
+                                         transform), None
         tower = self.vision_tower(pixel_values, output_hidden_states=True, output_attentions=bool(output_attentions),
                                   return_dict=True)
-        selection = visionzip_from_hidden_states(self.vision_tower, tower.hidden_states, feature_layer, dominant, contextual)
+        selection = visionzip_from_hidden_states(self.vision_tower, tower.hidden_states, feature_layer, dominant, contextual,
+                                                 transform)
         tower.hidden_states = tower.hidden_states if output_hidden_states else None
         tower.attentions = tower.attentions if output_attentions else None
         return selection, tower

@@ -5,12 +5,19 @@ Shipped with checkpoints: imports only transformers and flat siblings.
 
 from __future__ import annotations
 
-from transformers import LlavaNextProcessor, LlavaProcessor
+import torch
+import torch.nn.functional as F
+from transformers import BatchFeature, LlavaNextProcessor, LlavaProcessor
 from transformers.image_processing_utils import select_best_resolution
-from transformers.image_utils import get_image_size, to_numpy_array
+from transformers.image_utils import get_image_size, make_flat_list_of_images, to_numpy_array
 from transformers.processing_utils import MultiModalData
 
-from .configuration_slimvlm import anyres_visionzip_token_count, image_token_count, normalize_compression
+from .configuration_slimvlm import (
+    anyres_visionzip_token_count,
+    image_token_count,
+    mini_gemini_token_count,
+    normalize_compression,
+)
 from .voco import VOCO_CHAT_TEMPLATE, voco_group_text
 
 
@@ -116,7 +123,93 @@ class SlimLlavaNextProcessor(SlimProcessorMixin, LlavaNextProcessor):
         return self._with_voco_group(super().replace_image_token(image_inputs, image_idx, **kwargs))
 
 
+def mini_gemini_views(pixel_values_aux: torch.Tensor, base_image_size: int, image_grid: int, image_global: bool) -> torch.Tensor:
+    """Mini-Gemini's CLIP views from the normalised high-resolution tensor (specs/mini_gemini.md §2.3-2.4).
+
+    pixel_values_aux: [B, 3, S_aux, S_aux]. The low-resolution image is a float32 bilinear resize
+    (align_corners=False, no antialias) to base·grid; with a grid it is cut into grid x grid crops (row-major),
+    and the global view is a second resize of that image to base (1536 -> 672 -> 336 for HD).
+    Returns [B, 3, base, base] (one view) or [B, views, 3, base, base] ordered [c00, c01, ..., global].
+    """
+    side = base_image_size * image_grid
+    low = F.interpolate(pixel_values_aux.float(), size=(side, side), mode="bilinear", align_corners=False)
+    if image_grid == 1 and not image_global:
+        return low
+    batch, channels = low.shape[:2]
+    crops = low.reshape(batch, channels, image_grid, base_image_size, image_grid, base_image_size)
+    views = [crops.permute(0, 2, 4, 1, 3, 5).reshape(batch, image_grid**2, channels, base_image_size, base_image_size)]
+    if image_global:
+        views.append(F.interpolate(low, size=(base_image_size, base_image_size), mode="bilinear", align_corners=False)[:, None])
+    return torch.cat(views, dim=1)
+
+
+class SlimMiniGeminiProcessor(SlimProcessorMixin, LlavaProcessor):
+    """Mini-Gemini's processor: `pixel_values_aux` (pad to square with the mean colour, CLIP preprocessing at
+    `image_size_aux`) and `pixel_values` derived from it (`mini_gemini_views`), and views x K placeholders per
+    image (K = `num_image_tokens`, or d + c under VisionZip).
+
+    The image processor should be `LlavaImageProcessorPil(do_pad=True, size={"shortest_edge": S_aux},
+    crop_size={"height": S_aux, "width": S_aux})` with the OpenAI CLIP mean and std: the original used PIL resizing.
+    """
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        chat_template=None,
+        image_token="<image>",
+        image_size_aux: int = 768,
+        image_grid: int = 1,
+        image_global: bool = False,
+        base_image_size: int = 336,
+        num_image_tokens: int = 576,
+        compression: dict | None = None,
+        **kwargs,
+    ):
+        self.image_size_aux = image_size_aux
+        self.image_grid = image_grid
+        self.image_global = image_global
+        self.base_image_size = base_image_size
+        self.num_image_tokens = num_image_tokens
+        kwargs.pop("patch_size", None)
+        kwargs.pop("vision_feature_select_strategy", None)
+        kwargs.pop("num_additional_image_tokens", None)
+        super().__init__(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template,
+                         image_token=image_token, vision_feature_select_strategy="default", compression=compression,
+                         **kwargs)
+
+    @property
+    def views_per_image(self) -> int:
+        return self.image_grid**2 + int(self.image_global)
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return [*super().model_input_names, "pixel_values_aux"]
+
+    def _tokens_per_view(self) -> int | None:
+        return self.num_image_tokens + 1  # CLS + patches of one CLIP view
+
+    def tokens_per_image(self) -> int:
+        """Placeholders one image gets: views x (num_image_tokens, or d + c under VisionZip)."""
+        return mini_gemini_token_count(self.compression, self.num_image_tokens, self.views_per_image)
+
+    def _process_images(self, images, **kwargs):
+        processed = self.image_processor(images, **{**kwargs, "return_tensors": "pt"})
+        pixel_values_aux = processed["pixel_values"]
+        pixel_values = mini_gemini_views(pixel_values_aux, self.base_image_size, self.image_grid, self.image_global)
+        text = self._with_voco_group(self.image_token * self.tokens_per_image())
+        replacements = [text] * len(make_flat_list_of_images(images))
+        return BatchFeature({"pixel_values": pixel_values, "pixel_values_aux": pixel_values_aux}), replacements
+
+    def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs):
+        if image_sizes is None:
+            return MultiModalData()
+        return MultiModalData(num_image_tokens=[self.tokens_per_image()] * len(image_sizes),
+                              num_image_patches=[self.views_per_image] * len(image_sizes))
+
+
 SlimLlavaProcessor.register_for_auto_class("AutoProcessor")
 SlimLlavaNextProcessor.register_for_auto_class("AutoProcessor")
+SlimMiniGeminiProcessor.register_for_auto_class("AutoProcessor")
 
-__all__ = ["SlimLlavaNextProcessor", "SlimLlavaProcessor"]
+__all__ = ["SlimLlavaNextProcessor", "SlimLlavaProcessor", "SlimMiniGeminiProcessor", "mini_gemini_views"]

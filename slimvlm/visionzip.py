@@ -148,12 +148,15 @@ def resolve_feature_layer(vision_feature_layer, num_layers: int) -> int:
 
 
 def encode_with_visionzip(
-    vision_tower: nn.Module, pixel_values: torch.Tensor, feature_layer: int, dominant: int, contextual: int
+    vision_tower: nn.Module, pixel_values: torch.Tensor, feature_layer: int, dominant: int, contextual: int,
+    transform=None,
 ) -> VisionZipSelection:
     """Run a CLIP vision tower up to `feature_layer` (0-based) and apply VisionZip to its output.
 
     The tower's own embeddings, pre-layernorm and encoder layers run on their configured attention
     backend; layers after `feature_layer` are skipped (their output is never used).
+    transform: optional [B, N, C] -> [B, N, C] applied to the layer's output before selection (Mini-Gemini mines
+        high-resolution detail into the patches there); the scores and keys stay the CLIP layer's.
     """
     embeddings = getattr(vision_tower, "embeddings", None)
     if getattr(embeddings, "class_embedding", None) is None:
@@ -166,16 +169,22 @@ def encode_with_visionzip(
         if index == feature_layer:
             scores, keys = cls_attention_and_keys(layer, hidden_states)
         hidden_states = layer(hidden_states, None)
+    if transform is not None:
+        hidden_states = transform(hidden_states)
     return visionzip_select(hidden_states, scores, keys, dominant, contextual)
 
 
 def visionzip_from_hidden_states(
-    vision_tower: nn.Module, hidden_states: tuple[torch.Tensor, ...], feature_layer: int, dominant: int, contextual: int
+    vision_tower: nn.Module, hidden_states: tuple[torch.Tensor, ...], feature_layer: int, dominant: int, contextual: int,
+    transform=None,
 ) -> VisionZipSelection:
     """VisionZip on a full tower run's `hidden_states` (embeddings output, then each layer's output).
 
     Same numbers as `encode_with_visionzip`; used when the caller asked for the tower's hidden states or
-    attentions, so the whole tower runs anyway.
+    attentions, so the whole tower runs anyway. `transform`: as in `encode_with_visionzip`.
     """
     scores, keys = cls_attention_and_keys(vision_tower.encoder.layers[feature_layer], hidden_states[feature_layer])
-    return visionzip_select(hidden_states[feature_layer + 1], scores, keys, dominant, contextual)
+    features = hidden_states[feature_layer + 1]
+    if transform is not None:
+        features = transform(features)
+    return visionzip_select(features, scores, keys, dominant, contextual)

@@ -169,3 +169,37 @@ def next_images(grids, seed: int = 0):
         array = (torch.rand(height, width, 3, generator=generator) * 255).to(torch.uint8).numpy()
         images.append(Image.fromarray(array))
     return images
+
+
+# ---- Mini-Gemini: 48-px CLIP views (24x24 patches) and a tiny ConvNeXt whose stage 0 gives 2x2-pixel cells per patch
+
+MGM_CONVNEXT = dict(hidden_sizes=[8, 8, 16, 16], depths=[1, 1, 2, 1], patch_size=4, hidden_act="gelu",
+                    layer_scale_init_value=1e-6, drop_path_rate=0.0, num_channels=3)
+MGM_SIZE_AUX = {False: 192, True: 384}  # MGM: one 48-px view; HD: 2x2 crops of 48 + a global view
+
+
+def tiny_mini_gemini_config(hd: bool = False, **tiny_kwargs) -> dict:
+    """Keyword arguments of a tiny SlimMiniGeminiConfig (the tiny LLaVA towers, `tiny_llava_config` arguments)."""
+    from transformers import ConvNextConfig
+
+    base = tiny_llava_config(**tiny_kwargs).to_dict()
+    return dict(vision_config=base["vision_config"], text_config=base["text_config"], image_token_index=IMAGE_TOKEN_ID,
+                vision_config_aux=ConvNextConfig(**MGM_CONVNEXT).to_dict(), image_size_aux=MGM_SIZE_AUX[hd],
+                image_grid=2 if hd else 1, image_global=hd, image_seq_length=(5 if hd else 1) * 576)
+
+
+def make_mgm_image_processor(size_aux: int):
+    """MGM's preprocessing (PIL backend): pad to square with the mean colour, CLIP resize/crop at the aux size."""
+    from slimvlm.conversion.mini_gemini_original import mgm_image_processor
+
+    return mgm_image_processor(size_aux)
+
+
+def make_mgm_processor(hd: bool = False, compression=None, padding_side: str = "left"):
+    from slimvlm import SlimMiniGeminiProcessor
+
+    processor = SlimMiniGeminiProcessor(image_processor=make_mgm_image_processor(MGM_SIZE_AUX[hd]), tokenizer=make_tokenizer(),
+                                        image_size_aux=MGM_SIZE_AUX[hd], image_grid=2 if hd else 1, image_global=hd,
+                                        base_image_size=48, num_image_tokens=576, compression=compression)
+    processor.tokenizer.padding_side = padding_side
+    return processor

@@ -13,6 +13,7 @@ from typing import Callable
 from ..hub_cards import card_for_model, hub_model_id, write_model_card
 from .atomic import atomic_folder, refuse_existing
 from .llava_original import convert_original_llava, is_original_llava_folder
+from .mini_gemini_original import convert_original_mgm, is_original_mgm_folder
 
 
 def convert_to_slim(
@@ -23,6 +24,7 @@ def convert_to_slim(
     overwrite: bool = False,
     progress: Callable[[str], None] | None = None,
     vision_tower: str | os.PathLike | None = None,
+    vision_tower_aux: str | os.PathLike | None = None,
 ) -> Path:
     """Load `source` (hub id or folder, current or legacy llava-hf layout, or a folder of the original LLaVA
     code's layout) with `compression` and save a slim checkpoint.
@@ -32,6 +34,8 @@ def convert_to_slim(
     and for VoCo a `<voco>` token in the tokenizer (its id becomes `config.voco_token_id` when the config has none).
     progress: called with a short description when each step begins.
     vision_tower: for an original-layout source, the CLIP tower (`llava_original.convert_original_llava`).
+    vision_tower_aux: for an original Mini-Gemini folder, the open_clip ConvNeXt used when the checkpoint has no
+        aux tower weights (`mini_gemini_original.convert_original_mgm`).
 
     Raises:
         FileExistsError: `output` exists and `overwrite` is False.
@@ -43,6 +47,10 @@ def convert_to_slim(
     step = progress or (lambda description: None)
     output = Path(output)
     refuse_existing(output, overwrite)
+    if is_original_mgm_folder(source):
+        return convert_original_mgm(source, output, compression, base_model=hub_model_id(base_model) if base_model else None,
+                                    vision_tower=vision_tower, vision_tower_aux=vision_tower_aux, overwrite=overwrite,
+                                    progress=step)
     base_model = hub_model_id(base_model or source)
     if is_original_llava_folder(source):
         return convert_original_to_slim(source, output, compression, base_model, overwrite, step, vision_tower)
