@@ -137,7 +137,10 @@ def slim_forward(stock_class) -> callable:
 
 
 class SlimModelMixin(StockInitMixin):
-    """Behaviour every Slim base model shares: compression access and a placeholder check that explains itself."""
+    """Behaviour every Slim base model shares: the routing of a forward by compression method, VisionZip over
+    a batch of views, the SparseVLM and VoCo paths inside the language model, and a placeholder check that
+    explains itself. A family sets `output_class` and `forward = slim_forward(StockModel)`, and writes its
+    `get_image_features`."""
 
     @property
     def compression(self) -> dict:
