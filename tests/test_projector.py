@@ -89,3 +89,25 @@ def test_the_cli_round_trip_and_a_mismatch_in_one_line(checkpoints, tmp_path, ca
     assert main(["import-projector", str(wide), str(tmp_path / "proj"), str(tmp_path / "bad")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "has shape" in err[0]
+
+
+def test_mini_gemini_mining_module_travels_with_its_projector(tmp_path):
+    """Mini-Gemini: the patch-info mining module is trained with the projector, so it is exported and imported too."""
+    from builders import tiny_mini_gemini_config
+
+    from slimvlm import SlimMiniGeminiConfig, SlimMiniGeminiForConditionalGeneration
+
+    folders = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        SlimMiniGeminiForConditionalGeneration(SlimMiniGeminiConfig(**tiny_mini_gemini_config())).save_pretrained(tmp_path / f"m{seed}")
+        folders.append(tmp_path / f"m{seed}")
+    file = export_projector(folders[0], tmp_path / "proj")
+    with safe_open(str(file), framework="pt") as handle:
+        assert handle.metadata()["family"] == "mini-gemini"
+        assert any(key.startswith("patch_mining.") for key in handle.keys())
+    out = import_projector(folders[1], file, tmp_path / "out")
+    assert equal_dicts(read_projector(out), read_projector(folders[0]))
+    rebuilt = SlimMiniGeminiForConditionalGeneration.from_pretrained(out)
+    source = SlimMiniGeminiForConditionalGeneration.from_pretrained(folders[0])
+    assert equal_dicts(rebuilt.model.patch_mining.state_dict(), source.model.patch_mining.state_dict())

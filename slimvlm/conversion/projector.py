@@ -1,7 +1,7 @@
 """Export a checkpoint's projector to one safetensors file, and build a checkpoint from a base and a projector.
 
-`projector.safetensors` holds the projector of a LLaVA-family checkpoint (`linear_1.*`, `linear_2.*`, and for
-LLaVA-NeXT the `image_newline` vector trained with it) with metadata: format, family, activation, the vision and
+`projector.safetensors` holds the projector of a checkpoint (`linear_1.*`, `linear_2.*`, and what is trained with
+it: LLaVA-NeXT's `image_newline` vector, Mini-Gemini's patch-info mining module `patch_mining.*`) with metadata: format, family, activation, the vision and
 text widths, and the source. `import_projector` accepts it, or the original LLaVA code's `mm_projector.bin`
 (a stage-1 projector: `model.mm_projector.{0,2}.*`, GELU; read with `torch.load(weights_only=True)`), checks the
 activation and every shape against the base, and writes a copy of the base with the projector replaced, whole or
@@ -25,10 +25,11 @@ PROJECTOR_FILE = "projector.safetensors"
 PROJECTOR_FORMAT = "slimvlm-projector"
 # where the projector lives in a checkpoint: current layout first, then legacy llava-hf
 PREFIXES = ("model.", "")
-PARTS = ("multi_modal_projector.", "image_newline")
+PARTS = ("multi_modal_projector.", "image_newline", "patch_mining.")
 ORIGINAL_NAMES = {"model.mm_projector.0.": "multi_modal_projector.linear_1.",
                   "model.mm_projector.2.": "multi_modal_projector.linear_2.", "model.image_newline": "image_newline"}
-FAMILIES = {"llava": "llava", "slim_llava": "llava", "llava_next": "llava-next", "slim_llava_next": "llava-next"}
+FAMILIES = {"llava": "llava", "slim_llava": "llava", "llava_next": "llava-next", "slim_llava_next": "llava-next",
+            "slim_mini_gemini": "mini-gemini"}
 
 
 def _weight_files(folder: Path) -> list[Path]:
