@@ -6,10 +6,17 @@ AutoProcessor. This module is not shipped with checkpoints; the flat modules it 
 
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
-from .configuration_slimvlm import SlimLlavaConfig, SlimLlavaNextConfig, normalize_compression, split_visionzip_tokens
+from .configuration_slimvlm import (
+    SlimLlavaConfig,
+    SlimLlavaNextConfig,
+    SlimVideoLlavaConfig,
+    normalize_compression,
+    split_visionzip_tokens,
+)
 from .modeling_llava import DEFAULT_QUANTIZATION_SKIP_MODULES, SlimLlavaForConditionalGeneration, SlimLlavaModel
 from .modeling_llava_next import SlimLlavaNextForConditionalGeneration, SlimLlavaNextModel
-from .processing_slimvlm import SlimLlavaNextProcessor, SlimLlavaProcessor
+from .modeling_video_llava import SlimVideoLlavaForConditionalGeneration, SlimVideoLlavaModel
+from .processing_slimvlm import SlimLlavaNextProcessor, SlimLlavaProcessor, SlimVideoLlavaProcessor
 from .voco import VoCoCache, VoCoDataCollator, add_voco_token, build_voco_prompt, build_voco_text_prompt, freeze_vision_tower
 
 __version__ = "0.1.0"
@@ -17,6 +24,7 @@ __version__ = "0.1.0"
 FAMILIES = (
     (SlimLlavaConfig, SlimLlavaModel, SlimLlavaForConditionalGeneration, SlimLlavaProcessor),
     (SlimLlavaNextConfig, SlimLlavaNextModel, SlimLlavaNextForConditionalGeneration, SlimLlavaNextProcessor),
+    (SlimVideoLlavaConfig, SlimVideoLlavaModel, SlimVideoLlavaForConditionalGeneration, SlimVideoLlavaProcessor),
 )
 for _config, _model, _generation, _processor in FAMILIES:
     AutoConfig.register(_config.model_type, _config, exist_ok=True)
@@ -34,6 +42,10 @@ __all__ = [
     "SlimLlavaNextModel",
     "SlimLlavaNextProcessor",
     "SlimLlavaProcessor",
+    "SlimVideoLlavaConfig",
+    "SlimVideoLlavaForConditionalGeneration",
+    "SlimVideoLlavaModel",
+    "SlimVideoLlavaProcessor",
     "VoCoCache",
     "VoCoDataCollator",
     "add_voco_token",

@@ -169,3 +169,43 @@ def next_images(grids, seed: int = 0):
         array = (torch.rand(height, width, 3, generator=generator) * 255).to(torch.uint8).numpy()
         images.append(Image.fromarray(array))
     return images
+
+
+# ---- Video-LLaVA: two tiny towers (24-px views, patch 4 -> 36 patches + CLS = 37 tokens); <video> after the words
+
+VIDEO_SIDE = 24
+VIDEO_PATCH = 4
+
+
+def make_video_tokenizer():
+    """`make_tokenizer` plus `<video>` (id 6); the words shift by one."""
+    tokenizer = make_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", "<voco>", "<video>"]})
+    assert tokenizer.convert_tokens_to_ids("<video>") == len(SPECIAL_TOKENS) + len(WORDS) + 1
+    return tokenizer
+
+
+def tiny_video_llava_config(**tiny_kwargs):
+    """The tiny LLaVA towers and LM (`tiny_llava_config` arguments) in a VideoLlavaConfig."""
+    from transformers import VideoLlavaConfig
+
+    tiny_kwargs = {"image_size": VIDEO_SIDE, "patch_size": VIDEO_PATCH, **tiny_kwargs}
+    base = tiny_llava_config(vocab_size=len(SPECIAL_TOKENS) + len(WORDS) + 2, **tiny_kwargs).to_dict()
+    return VideoLlavaConfig(vision_config=base["vision_config"], text_config=base["text_config"],
+                            image_token_index=IMAGE_TOKEN_ID, video_token_index=video_token_id())
+
+
+def video_token_id() -> int:
+    return len(SPECIAL_TOKENS) + len(WORDS) + 1
+
+
+def make_video_image_processor(side: int = VIDEO_SIDE):
+    from transformers.models.video_llava.image_processing_video_llava import VideoLlavaImageProcessor
+
+    return VideoLlavaImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+
+
+def random_video(frames: int, height: int = 30, width: int = 40, seed: int = 0):
+    """A [frames, H, W, 3] uint8 array of random noise (not square, so resize + crop both act)."""
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.rand(frames, height, width, 3, generator=generator) * 255).to(torch.uint8).numpy()
