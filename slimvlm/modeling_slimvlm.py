@@ -589,7 +589,7 @@ class SlimGenerationMixin(StockInitMixin):
             row_mask[r, width - index.numel():] = 1
             row_positions[r, width - index.numel():] = positions[b, index]
         past = DynamicCache(config=self.config.text_config)
-        call_with_cache(self.model.language_model, inputs_embeds=row_embeds, attention_mask=row_mask,
+        call_with_cache(self.model.language_model.forward, inputs_embeds=row_embeds, attention_mask=row_mask,
                         position_ids=row_positions, cache=past, use_cache=True, **kwargs)
         group = torch.arange(width - count, width, device=row_mask.device).expand(len(rows), -1)
         keys, values = gather_voco_kv(past, group)  # [B·T, layers, kv_heads, K, head_dim]

@@ -73,8 +73,9 @@ class SlimVideoLlavaModel(SlimModelMixin, VideoLlavaModel):
         return self._visionzip_output(selection, tower, self.multi_modal_projector(selection.tokens))
 
     def _placeholder_mask(self, modality: str, input_ids, inputs_embeds, features: torch.Tensor) -> torch.Tensor:
+        # The stock check formats its message from a 3-D tensor's shape, so the [N, D] rows get a leading axis.
         image_mask, video_mask = self.get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds,
-                                                           **{f"{modality}_features": features})
+                                                           **{f"{modality}_features": features[None]})
         return image_mask if modality == "image" else video_mask
 
     def _voco_layout(self, voco_token_mask: torch.Tensor, input_ids: torch.Tensor | None) -> VoCoSegments:

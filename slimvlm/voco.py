@@ -822,7 +822,8 @@ def freeze_vision_tower(model) -> list[str]:
 
 
 class VoCoDataCollator:
-    """Batches {"image": PIL | None, "conversation": [(user, answer), ...]} examples for `Trainer`.
+    """Batches {"image": PIL | None, "conversation": [(user, answer), ...]} examples for `Trainer`; with a
+    video-capable processor, examples may carry {"video": frames} instead (one VoCo group per frame, spec §7).
 
     Labels are -100 everywhere except the assistant answers and their `</s>` (LLaVA v1). Each piece of
     the conversation is tokenised separately and concatenated, so the labels line up exactly; the first
@@ -842,15 +843,19 @@ class VoCoDataCollator:
         self.max_length = max_length
 
     # What the processor returns for an image, passed on to the model (LLaVA-NeXT adds the anyres `image_sizes`).
-    IMAGE_KEYS = ("pixel_values", "image_sizes")
+    IMAGE_KEYS = ("pixel_values", "image_sizes", "pixel_values_videos")
 
     def encode(self, example: dict) -> dict[str, torch.Tensor]:
         """One example -> input_ids [L], labels [L] and, with an image, the processor's image tensors
         (pixel_values [1, 3, H, W], or [1, views, 3, H, W] and image_sizes [1, 2] for LLaVA-NeXT)."""
-        image = example.get("image")
-        segments = voco_prompt_segments(example["conversation"], image is not None, self.system_prompt,
-                                         self.strip_newlines)
-        first = self.processor(text=segments[0][0], images=[image] if image is not None else None, return_tensors="pt")
+        image, video = example.get("image"), example.get("video")
+        if image is not None and video is not None:
+            raise ValueError("a VoCo example holds an image or a video, not both")
+        media = {"images": [image]} if image is not None else {"videos": [video]} if video is not None else {}
+        marker = getattr(self.processor, "video_token", "<video>") if video is not None else "<image>"
+        segments = voco_prompt_segments(example["conversation"], bool(media), self.system_prompt,
+                                        self.strip_newlines, image_token=marker)
+        first = self.processor(text=segments[0][0], return_tensors="pt", **media)
         ids = [first["input_ids"][0]]
         labels = [torch.full_like(ids[0], IGNORE_INDEX)]
         for text, supervised in segments[1:]:
@@ -860,7 +865,7 @@ class VoCoDataCollator:
         out = {"input_ids": torch.cat(ids), "labels": torch.cat(labels)}
         if self.max_length is not None:  # right truncation never cuts the image: it comes first
             out = {k: v[: self.max_length] for k, v in out.items()}
-        if image is not None:
+        if media:
             out.update({key: first[key] for key in self.IMAGE_KEYS if key in first})
         return out
 

@@ -48,6 +48,17 @@ def make_tokenizer(voco: bool = True) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
+def pad_rows(rows: list[list[int]], padding_side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id rows of unequal length -> (ids [B, L] padded with 0, real [B, L] 1 at tokens), left or right."""
+    length = max(map(len, rows))
+    ids = torch.zeros(len(rows), length, dtype=torch.long)
+    real = torch.zeros(len(rows), length, dtype=torch.long)
+    for b, row in enumerate(rows):
+        span = slice(length - len(row), length) if padding_side == "left" else slice(0, len(row))
+        ids[b, span], real[b, span] = torch.tensor(row), 1
+    return ids, real
+
+
 IMAGE_TOKEN_ID = SPECIAL_TOKENS.index("<image>")
 PAD_TOKEN_ID = SPECIAL_TOKENS.index("<pad>")
 
@@ -209,3 +220,11 @@ def random_video(frames: int, height: int = 30, width: int = 40, seed: int = 0):
     """A [frames, H, W, 3] uint8 array of random noise (not square, so resize + crop both act)."""
     generator = torch.Generator().manual_seed(seed)
     return (torch.rand(frames, height, width, 3, generator=generator) * 255).to(torch.uint8).numpy()
+
+
+def load_quantized(model_class, folder, bits: int, **kwargs):
+    """`model_class.from_pretrained(folder)` in bitsandbytes 4- or 8-bit on the CPU, in eval mode."""
+    from transformers import BitsAndBytesConfig
+
+    quantization = BitsAndBytesConfig(load_in_4bit=True) if bits == 4 else BitsAndBytesConfig(load_in_8bit=True)
+    return model_class.from_pretrained(folder, quantization_config=quantization, device_map="cpu", **kwargs).eval()
