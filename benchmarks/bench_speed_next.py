@@ -77,51 +77,66 @@ def inputs_for(model, dtype: torch.dtype, seed: int = 0) -> dict:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels, "image_sizes": sizes}
 
 
-def main() -> None:
+def compare_settings(model, config, dtype_name: str, rows_of: list[tuple[str, int, dict]], inputs_for, prefill_flops,
+                     visual_token_id: int, repeats: int) -> list[dict]:
+    """Measure every (method, tokens, compression) setting against the first (uncompressed) one in the same run."""
+    dtype = getattr(torch, dtype_name)
+    model.to(dtype)
+    rows, dense = [], None
+    for method, tokens, compression in rows_of:
+        model.set_compression(compression)
+        inputs = inputs_for(model, dtype)
+        visual = int((inputs["input_ids"] == visual_token_id).sum())
+        result = measure(model, inputs, repeats)
+        result.pop("outputs")
+        text = inputs["input_ids"].shape[1] - visual
+        schedule = None
+        if method == "sparsevlm":
+            report = model.sparsevlm_report
+            schedule = [text + count for count in report.processed_counts[0]]
+            result["equal_tokens"] = report.equal_tokens[0]
+        row = {"dtype": dtype_name, "method": method, "tokens": tokens, "visual_tokens_in": visual,
+               "compression": model.config.compression,
+               "prefill_flops": prefill_flops(config, model.config.compression, visual, text, schedule), **result}
+        dense = dense or row
+        row["measured_speedup"] = dense["prefill_s"] / row["prefill_s"]
+        row["ideal_speedup"] = dense["prefill_flops"] / row["prefill_flops"]
+        row["share_of_ideal"] = row["measured_speedup"] / row["ideal_speedup"]
+        row["kv_ratio"] = row["kv_cache_bytes"] / dense["kv_cache_bytes"]
+        row["peak_ratio"] = row["peak_rss_growth_bytes"] / dense["peak_rss_growth_bytes"]
+        rows.append(row)
+        print(f"{dtype_name:>8} {method:>9} {tokens:>5}: {row['prefill_s']:7.2f} s  x{row['measured_speedup']:.2f} "
+              f"(ideal x{row['ideal_speedup']:.2f}, {row['share_of_ideal']:.0%})  kv {row['kv_ratio']:.2f}  "
+              f"peak {row['peak_ratio']:.2f}", flush=True)
+    return rows
+
+
+def parse_args(doc: str, out: Path) -> argparse.Namespace:
+    """The shared command line of the family speed benchmarks (re-executes with glibc's mmap threshold set, so
+    peak RSS reflects freed activations)."""
     if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--text-layers", type=int, default=4)
     parser.add_argument("--dtypes", nargs="+", default=["float32"])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "speed_next.json")
+    parser.add_argument("--out", type=Path, default=out)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    return args
+
+
+def main() -> None:
+    args = parse_args(__doc__, ROOT / "benchmarks" / "results" / "speed_next.json")
     config = next_7b_shaped_config(args.text_layers)
     model = SlimLlavaNextForConditionalGeneration(config).eval()
     rows = []
     for name in args.dtypes:
-        dtype = getattr(torch, name)
-        model.to(dtype)
-        dense = None
-        for method, tokens, compression in settings(args.text_layers):
-            model.set_compression(compression)
-            inputs = inputs_for(model, dtype)
-            visual = int((inputs["input_ids"] == config.image_token_id).sum())
-            result = measure(model, inputs, args.repeats)
-            result.pop("outputs")
-            text = inputs["input_ids"].shape[1] - visual
-            schedule = None
-            if method == "sparsevlm":
-                report = model.sparsevlm_report
-                schedule = [text + count for count in report.processed_counts[0]]
-                result["equal_tokens"] = report.equal_tokens[0]
-            row = {"dtype": name, "method": method, "tokens": tokens, "visual_tokens_in": visual,
-                   "compression": model.config.compression,
-                   "prefill_flops": prefill_flops(config, model.config.compression, visual, text, schedule), **result}
-            dense = dense or row
-            row["measured_speedup"] = dense["prefill_s"] / row["prefill_s"]
-            row["ideal_speedup"] = dense["prefill_flops"] / row["prefill_flops"]
-            row["share_of_ideal"] = row["measured_speedup"] / row["ideal_speedup"]
-            row["kv_ratio"] = row["kv_cache_bytes"] / dense["kv_cache_bytes"]
-            row["peak_ratio"] = row["peak_rss_growth_bytes"] / dense["peak_rss_growth_bytes"]
-            rows.append(row)
-            print(f"{name:>8} {method:>9} {tokens:>5}: {row['prefill_s']:7.2f} s  x{row['measured_speedup']:.2f} "
-                  f"(ideal x{row['ideal_speedup']:.2f}, {row['share_of_ideal']:.0%})  kv {row['kv_ratio']:.2f}  "
-                  f"peak {row['peak_ratio']:.2f}", flush=True)
+        rows += compare_settings(model, config, name, settings(args.text_layers), inputs_for, prefill_flops,
+                                 config.image_token_id, args.repeats)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "model": f"LLaVA-NeXT-7B shapes: CLIP ViT-L/14-336 x 5 views + Llama 4096 x {args.text_layers} layers, random weights",

@@ -10,13 +10,15 @@ from .configuration_slimvlm import (
     SlimLlavaConfig,
     SlimLlavaNextConfig,
     SlimMiniGeminiConfig,
+    SlimVideoLlavaConfig,
     normalize_compression,
     split_visionzip_tokens,
 )
 from .modeling_llava import DEFAULT_QUANTIZATION_SKIP_MODULES, SlimLlavaForConditionalGeneration, SlimLlavaModel
 from .modeling_llava_next import SlimLlavaNextForConditionalGeneration, SlimLlavaNextModel
 from .modeling_mini_gemini import SlimMiniGeminiForConditionalGeneration, SlimMiniGeminiModel
-from .processing_slimvlm import SlimLlavaNextProcessor, SlimLlavaProcessor, SlimMiniGeminiProcessor
+from .modeling_video_llava import SlimVideoLlavaForConditionalGeneration, SlimVideoLlavaModel
+from .processing_slimvlm import SlimLlavaNextProcessor, SlimLlavaProcessor, SlimMiniGeminiProcessor, SlimVideoLlavaProcessor
 from .auto import AutoSlimModel, AutoSlimProcessor
 from .voco import VoCoCache, VoCoDataCollator, add_voco_token, build_voco_prompt, build_voco_text_prompt, freeze_vision_tower
 
@@ -26,6 +28,7 @@ FAMILIES = (
     (SlimLlavaConfig, SlimLlavaModel, SlimLlavaForConditionalGeneration, SlimLlavaProcessor),
     (SlimLlavaNextConfig, SlimLlavaNextModel, SlimLlavaNextForConditionalGeneration, SlimLlavaNextProcessor),
     (SlimMiniGeminiConfig, SlimMiniGeminiModel, SlimMiniGeminiForConditionalGeneration, SlimMiniGeminiProcessor),
+    (SlimVideoLlavaConfig, SlimVideoLlavaModel, SlimVideoLlavaForConditionalGeneration, SlimVideoLlavaProcessor),
 )
 for _config, _model, _generation, _processor in FAMILIES:
     AutoConfig.register(_config.model_type, _config, exist_ok=True)
@@ -49,6 +52,10 @@ __all__ = [
     "SlimMiniGeminiForConditionalGeneration",
     "SlimMiniGeminiModel",
     "SlimMiniGeminiProcessor",
+    "SlimVideoLlavaConfig",
+    "SlimVideoLlavaForConditionalGeneration",
+    "SlimVideoLlavaModel",
+    "SlimVideoLlavaProcessor",
     "VoCoCache",
     "VoCoDataCollator",
     "add_voco_token",

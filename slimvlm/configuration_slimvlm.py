@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from transformers import AutoConfig, LlavaConfig, LlavaNextConfig, PreTrainedConfig
+from transformers import AutoConfig, LlavaConfig, LlavaNextConfig, PreTrainedConfig, VideoLlavaConfig
 from transformers.configuration_utils import SubConfigSpec
 
 from .compat import TESTED_RANGE  # noqa: F401  (importing compat warns once outside the tested range)
@@ -41,6 +41,14 @@ LEGACY_LLAVA_RENAMES = {
 }
 # LLaVA-NeXT's legacy layout (llava-hf/llava-v1.6-mistral-7b-hf, -vicuna-7b-hf) adds the top-level newline row.
 LEGACY_LLAVA_NEXT_RENAMES = {**LEGACY_LLAVA_RENAMES, r"^image_newline": "model.image_newline"}
+# Video-LLaVA's legacy layout (LanguageBind/Video-LLaVA-7B-hf) has two towers at the top level instead of one.
+LEGACY_VIDEO_LLAVA_RENAMES = {
+    **{source: target for source, target in LEGACY_LLAVA_RENAMES.items() if "vision_tower" not in source},
+    r"^image_tower": "model.image_tower",
+    r"^video_tower": "model.video_tower",
+}
+# VisionZip per video frame (specs/visionzip.md §7.3): 14 + 3 = 17 tokens, 136 for Video-LLaVA's 8 frames.
+VISIONZIP_VIDEO_SPLIT = (14, 3)
 
 
 def _is_int(value: Any) -> bool:
@@ -79,38 +87,61 @@ def split_visionzip_tokens(total: int) -> tuple[int, int]:
     return dominant, total - dominant
 
 
-def _normalize_visionzip(compression: dict, tokens_per_view: int | None, vision_feature_layer=None) -> dict:
-    _check_keys(compression, "visionzip", {"dominant", "contextual", "tokens"})
+def _visionzip_split(compression: dict, prefix: str, tokens_per_view: int | None) -> tuple[int, int]:
+    """(dominant, contextual) from `{prefix}tokens` or `{prefix}dominant` + `{prefix}contextual`, validated."""
+    tokens, dominant_key, contextual_key = f"{prefix}tokens", f"{prefix}dominant", f"{prefix}contextual"
+    if tokens in compression:
+        if dominant_key in compression or contextual_key in compression:
+            raise ValueError(
+                f"compression for method 'visionzip' takes either {tokens!r} or {dominant_key!r} + {contextual_key!r}, "
+                f"not both; got {compression}"
+            )
+        dominant, contextual = split_visionzip_tokens(_require_int("visionzip", tokens, compression[tokens], minimum=2))
+    else:
+        missing = [key for key in (dominant_key, contextual_key) if key not in compression]
+        if missing:
+            raise ValueError(
+                f"compression for method 'visionzip' is missing {missing}; give {dominant_key!r} and {contextual_key!r} "
+                f"(e.g. 54 and 10) or {tokens!r} (e.g. 64); got {compression}"
+            )
+        dominant, contextual = compression[dominant_key], compression[contextual_key]
+    dominant = _require_int("visionzip", dominant_key, dominant, minimum=1)
+    contextual = _require_int("visionzip", contextual_key, contextual, minimum=1)
+    if tokens_per_view is not None and dominant + contextual > tokens_per_view:
+        raise ValueError(
+            f"compression {dominant_key} + {contextual_key} = {dominant} + {contextual} = {dominant + contextual} "
+            f"exceeds the {tokens_per_view} tokens (CLS + patches) a view of this vision tower has"
+        )
+    return dominant, contextual
+
+
+VIDEO_VISIONZIP_KEYS = {"video_dominant", "video_contextual", "video_tokens"}
+
+
+def _normalize_visionzip(compression: dict, tokens_per_view: int | None, vision_feature_layer=None,
+                         video: bool = False) -> dict:
+    """Image counts `dominant`/`contextual` (or `tokens`); on video-capable configs also the per-frame
+    `video_dominant`/`video_contextual` (or `video_tokens`), default 14/3 (specs/visionzip.md §7.3)."""
+    allowed = {"dominant", "contextual", "tokens"} | (VIDEO_VISIONZIP_KEYS if video else set())
+    video_keys = sorted(VIDEO_VISIONZIP_KEYS & set(compression))
+    if video_keys and not video:
+        raise ValueError(
+            f"compression keys {video_keys} set per-frame VisionZip counts, which only video-capable models "
+            f"(Video-LLaVA) have; allowed for this model: {sorted(allowed)}"
+        )
+    _check_keys(compression, "visionzip", allowed)
     if isinstance(vision_feature_layer, (list, tuple)) and len(vision_feature_layer) != 1:
         raise ValueError(
             f"compression method 'visionzip' needs a single vision_feature_layer (an int, or a one-element list), "
             f"got vision_feature_layer={list(vision_feature_layer)}: VisionZip scores with the CLS attention of one "
             "layer, and multi-layer feature concatenation has no single CLS row; set e.g. vision_feature_layer=-2"
         )
-    if "tokens" in compression:
-        if "dominant" in compression or "contextual" in compression:
-            raise ValueError(
-                "compression for method 'visionzip' takes either 'tokens' or 'dominant' + 'contextual', not both; "
-                f"got {compression}"
-            )
-        total = _require_int("visionzip", "tokens", compression["tokens"], minimum=2)
-        dominant, contextual = split_visionzip_tokens(total)
-    else:
-        missing = [key for key in ("dominant", "contextual") if key not in compression]
-        if missing:
-            raise ValueError(
-                f"compression for method 'visionzip' is missing {missing}; give 'dominant' and 'contextual' "
-                f"(e.g. 54 and 10) or 'tokens' (e.g. 64); got {compression}"
-            )
-        dominant, contextual = compression["dominant"], compression["contextual"]
-    dominant = _require_int("visionzip", "dominant", dominant, minimum=1)
-    contextual = _require_int("visionzip", "contextual", contextual, minimum=1)
-    if tokens_per_view is not None and dominant + contextual > tokens_per_view:
-        raise ValueError(
-            f"compression dominant + contextual = {dominant} + {contextual} = {dominant + contextual} exceeds the "
-            f"{tokens_per_view} tokens (CLS + patches) a view of this vision tower has"
-        )
-    return {"method": "visionzip", "dominant": dominant, "contextual": contextual}
+    dominant, contextual = _visionzip_split(compression, "", tokens_per_view)
+    out = {"method": "visionzip", "dominant": dominant, "contextual": contextual}
+    if video:
+        split = _visionzip_split(compression, "video_", tokens_per_view) if video_keys else VISIONZIP_VIDEO_SPLIT
+        out["video_dominant"], out["video_contextual"] = split
+    return out
 
 
 def sparsevlm_setting(num_text_layers: int, preset: int, version: str = "1.5") -> dict:
@@ -236,6 +267,7 @@ def normalize_compression(
     tokens_per_view: int | None = None,
     num_text_layers: int | None = None,
     vision_feature_layer: int | list[int] | None = None,
+    video: bool = False,
 ) -> dict:
     """Validate a compression dict and return its canonical form (a new dict).
 
@@ -244,6 +276,7 @@ def normalize_compression(
         tokens_per_view: CLS + patches of one vision-tower view, to bound VisionZip's `dominant + contextual`.
         num_text_layers: language-model depth, to bound SparseVLM's prune layers.
         vision_feature_layer: the config's feature layer(s); VisionZip needs exactly one.
+        video: the model also takes videos (Video-LLaVA): VisionZip then has per-frame counts too.
     """
     if compression is None:
         return {"method": "none"}
@@ -256,7 +289,7 @@ def normalize_compression(
         _check_keys(compression, "none", set())
         return {"method": "none"}
     if method == "visionzip":
-        return _normalize_visionzip(compression, tokens_per_view, vision_feature_layer)
+        return _normalize_visionzip(compression, tokens_per_view, vision_feature_layer, video)
     if method == "sparsevlm":
         return _normalize_sparsevlm(compression, num_text_layers)
     return _normalize_voco(compression)
@@ -287,6 +320,9 @@ def image_token_count(compression: dict, uncompressed_count: int) -> int:
 class SlimCompressionMixin:
     """Validates `compression` on every assignment (constructor, from_pretrained kwargs, set_compression)."""
 
+    # Whether the family takes videos (per-frame VisionZip counts are then part of the schema).
+    takes_videos = False
+
     def _compression_bounds(self) -> tuple[int | None, int | None, Any]:
         vision_config = self.__dict__.get("vision_config")
         text_config = self.__dict__.get("text_config")
@@ -304,10 +340,11 @@ class SlimCompressionMixin:
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "compression":
-            value = normalize_compression(value, *self._compression_bounds())
+            value = normalize_compression(value, *self._compression_bounds(), video=self.takes_videos)
         elif name == "vision_feature_layer" and self.__dict__.get("compression") is not None:
             # A multi-layer feature list is refused under VisionZip whichever of the two is set last.
-            normalize_compression(self.__dict__["compression"], *self._compression_bounds()[:2], value)
+            normalize_compression(self.__dict__["compression"], *self._compression_bounds()[:2], value,
+                                  video=self.takes_videos)
         super().__setattr__(name, value)
 
 
@@ -335,6 +372,31 @@ class SlimLlavaNextConfig(SlimCompressionMixin, LlavaNextConfig):
     model_type = "slim_llava_next"
     compression: dict | None = None
     voco_token_id: int | None = None
+
+
+class SlimVideoLlavaConfig(SlimCompressionMixin, VideoLlavaConfig):
+    """`VideoLlavaConfig` plus `compression`; a stock Video-LLaVA config.json loads into it unchanged.
+
+    VisionZip has two splits: `dominant`/`contextual` (or `tokens`) per image on the image tower, and
+    `video_dominant`/`video_contextual` (or `video_tokens`) per frame on the video tower, default 14/3: 8 frames
+    become 136 tokens, the paper's setting (specs/visionzip.md §7.3).
+    """
+
+    model_type = "slim_video_llava"
+    takes_videos = True
+    compression: dict | None = None
+    voco_token_id: int | None = None
+
+
+def video_token_count(compression: dict, tokens_per_frame: int, num_frames: int) -> int:
+    """Visual tokens one video of `num_frames` frames becomes in the language model (VoCo groups excluded).
+
+    Shared by the processor (placeholders) and the model (features). `tokens_per_frame` is the stock count
+    (Video-LLaVA keeps CLS: 257); VisionZip makes it `video_dominant + video_contextual` per frame.
+    """
+    if compression["method"] == "visionzip":
+        return num_frames * (compression["video_dominant"] + compression["video_contextual"])
+    return num_frames * tokens_per_frame
 
 
 def anyres_visionzip_token_count(compression: dict, grid: tuple[int, int]) -> int:

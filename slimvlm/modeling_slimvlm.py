@@ -29,6 +29,7 @@ from .voco import (
     VoCoBounds,
     VoCoCache,
     VoCoDynamicCache,
+    VoCoSegments,
     build_voco_attention_mask,
     cache_metadata,
     check_voco_groups,
@@ -37,6 +38,7 @@ from .voco import (
     positions_from_padding,
     rope_settings,
     rotate_half_of,
+    segment_rows,
     tensor_sha256,
     voco_group_indices,
     weights_fingerprint,
@@ -146,9 +148,9 @@ class SlimModelMixin(StockInitMixin):
     def compression(self) -> dict:
         return self.config.compression
 
-    def get_placeholder_mask(self, input_ids, inputs_embeds, image_features):
+    def get_placeholder_mask(self, input_ids, inputs_embeds, **features):
         try:
-            return super().get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds, image_features=image_features)
+            return super().get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds, **features)
         except ValueError as error:
             raise ValueError(
                 f"{error}. The model's compression is {self.config.compression}; build the processor with the "
@@ -156,31 +158,39 @@ class SlimModelMixin(StockInitMixin):
                 "so it writes as many image placeholders as the model produces."
             ) from None
 
+    def _placeholder_mask(self, modality: str, input_ids, inputs_embeds, features: torch.Tensor) -> torch.Tensor:
+        """[B, L, D] bool mask of `modality`'s placeholders ("image"; Video-LLaVA adds "video"), checked
+        against `features` [N, D]."""
+        return self.get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds, image_features=features)
+
     # The family's `*ModelOutputWithPast` class (set by each family).
     output_class = None
 
-    def _visionzip_views(self, pixel_values: torch.Tensor, vision_feature_layer, transform=None, **kwargs):
-        """VisionZip on a batch of independent views [V, 3, H, W] of the vision tower.
+    def _visionzip_views(self, pixel_values: torch.Tensor, vision_feature_layer, vision_tower=None,
+                         split: tuple[int, int] | None = None, transform=None, **kwargs):
+        """VisionZip on a batch of independent views [V, 3, H, W] of a vision tower.
 
+        vision_tower: the tower to run (default `self.vision_tower`; Video-LLaVA passes its image or video tower).
+        split: (dominant, contextual) (default the image split of `config.compression`).
         transform: optional [V, N, C] -> [V, N, C] on the scoring layer's output before selection (Mini-Gemini's
-        patch mining); see `visionzip.encode_with_visionzip`.
-
+            patch mining); see `visionzip.encode_with_visionzip`.
         Returns (selection, tower_outputs): `tower_outputs` is the whole tower's output when the caller asked
         for `output_hidden_states` / `output_attentions` (the tower then runs to the end, as in the stock
         classes), else None (the tower stops at the scoring layer, whose output is all VisionZip needs).
         """
         compression = self.config.compression
+        vision_tower = self.vision_tower if vision_tower is None else vision_tower
         layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
-        feature_layer = resolve_feature_layer(layer, len(self.vision_tower.encoder.layers))
-        dominant, contextual = compression["dominant"], compression["contextual"]
+        feature_layer = resolve_feature_layer(layer, len(vision_tower.encoder.layers))
+        dominant, contextual = split or (compression["dominant"], compression["contextual"])
         output_hidden_states = kwargs.get("output_hidden_states", self.config.output_hidden_states)
         output_attentions = kwargs.get("output_attentions", self.config.output_attentions)
         if not (output_hidden_states or output_attentions):
-            return encode_with_visionzip(self.vision_tower, pixel_values, feature_layer, dominant, contextual,
+            return encode_with_visionzip(vision_tower, pixel_values, feature_layer, dominant, contextual,
                                          transform), None
-        tower = self.vision_tower(pixel_values, output_hidden_states=True, output_attentions=bool(output_attentions),
-                                  return_dict=True)
-        selection = visionzip_from_hidden_states(self.vision_tower, tower.hidden_states, feature_layer, dominant, contextual,
+        tower = vision_tower(pixel_values, output_hidden_states=True, output_attentions=bool(output_attentions),
+                             return_dict=True)
+        selection = visionzip_from_hidden_states(vision_tower, tower.hidden_states, feature_layer, dominant, contextual,
                                                  transform)
         tower.hidden_states = tower.hidden_states if output_hidden_states else None
         tower.attentions = tower.attentions if output_attentions else None
@@ -232,10 +242,12 @@ class SlimModelMixin(StockInitMixin):
         mm_encoder_outputs=None,
         use_cache: bool | None = None,
         sparsevlm_plan=None,
+        pixel_values_videos: torch.Tensor | None = None,
         **kwargs,
     ):
         """`LlavaModel.forward` with SparseVLM pruning inside the language model.
 
+        The visual span is each sample's image block or, for video families, its video block (one per sample).
         Prefill (no cache or an empty one) prunes; a `SparseVLMCache` from a prefill is continued without
         pruning. The output `last_hidden_state` is [B, S_last, C], left-padded: shorter than the input, its
         last slot is each sample's last token. What was kept is in `self.sparsevlm_report` (and
@@ -246,12 +258,14 @@ class SlimModelMixin(StockInitMixin):
             if not getattr(self, "_sparsevlm_warned", False):
                 logger.warning("SparseVLM runs dense in training mode (pruning is inference-only)")
                 self._sparsevlm_warned = True
+            media = {"image_sizes": image_sizes} if image_sizes is not None else {}
+            if pixel_values_videos is not None:
+                media["pixel_values_videos"] = pixel_values_videos
             return self._stock_forward(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
                                        position_ids=position_ids, cache=cache, inputs_embeds=inputs_embeds,
                                        vision_feature_layer=vision_feature_layer,
                                        vision_feature_select_strategy=vision_feature_select_strategy,
-                                       image_sizes=image_sizes, mm_encoder_outputs=mm_encoder_outputs,
-                                       use_cache=use_cache, **kwargs)
+                                       mm_encoder_outputs=mm_encoder_outputs, use_cache=use_cache, **media, **kwargs)
         language_model = self.language_model
         if getattr(language_model, "rotary_emb", None) is None or not hasattr(language_model.layers[0].self_attn, "q_proj"):
             raise ValueError(
@@ -274,9 +288,9 @@ class SlimModelMixin(StockInitMixin):
                     f"{flag}=True is not supported under SparseVLM: pruning makes every layer's sequence shorter, so "
                     "there is no per-layer tensor to return; use compression {'method': 'none'} to inspect them"
                 )
-        inputs_embeds, visual_mask, image_outputs = self._sparsevlm_embeddings(
+        inputs_embeds, visual_mask, encoded = self._merged_embeddings(
             input_ids, pixel_values, inputs_embeds, vision_feature_layer, vision_feature_select_strategy,
-            image_sizes, mm_encoder_outputs,
+            image_sizes, mm_encoder_outputs, pixel_values_videos,
         )
         kwargs.pop("return_dict", None)
         if decoding:
@@ -289,38 +303,50 @@ class SlimModelMixin(StockInitMixin):
             )
             self.sparsevlm_report = report
         return model_output(self.output_class, last_hidden_state=hidden,
-                                   cache=cache if use_cache is not False else None, image_outputs=image_outputs)
+                            cache=cache if use_cache is not False else None, **encoded)
 
-    def _sparsevlm_embeddings(self, input_ids, pixel_values, inputs_embeds, vision_feature_layer,
-                              vision_feature_select_strategy, image_sizes, mm_encoder_outputs):
-        """Decoder input with the image features scattered in, the [B, L] visual mask and the image-features output."""
+    def _merged_embeddings(self, input_ids, pixel_values, inputs_embeds, vision_feature_layer,
+                           vision_feature_select_strategy, image_sizes, mm_encoder_outputs, pixel_values_videos=None):
+        """Decoder input with the image (and video) features scattered in, as the stock forward builds it.
+
+        Returns (inputs_embeds [B, L, C], visual_mask [B, L] bool at every image/video placeholder, encoder
+        outputs as `model_output` fields: {"image_outputs": ..., and "video_outputs": ... when a video was given}).
+        """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        if pixel_values is not None and mm_encoder_outputs:
-            raise ValueError("You cannot specify both pixel_values and mm_encoder_outputs at the same time")
+        if (pixel_values is not None or pixel_values_videos is not None) and mm_encoder_outputs:
+            raise ValueError("You cannot specify both pixel_values/pixel_values_videos and mm_encoder_outputs at the same time")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         encoded = dict(mm_encoder_outputs or {})
         if encoded.get("image") is None and pixel_values is not None:
+            media = {"image_sizes": image_sizes} if image_sizes is not None else {}
             encoded["image"] = self.get_image_features(
                 pixel_values=pixel_values, vision_feature_layer=vision_feature_layer,
-                vision_feature_select_strategy=vision_feature_select_strategy, image_sizes=image_sizes, return_dict=True,
+                vision_feature_select_strategy=vision_feature_select_strategy, return_dict=True, **media,
             )
+        if encoded.get("video") is None and pixel_values_videos is not None:
+            encoded["video"] = self.get_video_features(pixel_values_videos=pixel_values_videos,
+                                                       vision_feature_layer=vision_feature_layer, return_dict=True)
         visual_mask = torch.zeros(inputs_embeds.shape[:2], dtype=torch.bool, device=inputs_embeds.device)
-        if encoded.get("image") is None:
-            return inputs_embeds, visual_mask, None
-        image_outputs = encoded["image"]
-        features = image_outputs.pooler_output
-        images = len(features)
-        features = torch.cat(list(features), dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
-        mask = self.get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds, image_features=features)
-        visual_mask = mask[..., 0]
-        if images > int(visual_mask.any(dim=1).sum()):
-            raise ValueError(
-                f"SparseVLM supports one image per sample; got {images} images for "
-                f"{int(visual_mask.any(dim=1).sum())} samples with image tokens"
-            )
-        return inputs_embeds.masked_scatter(mask, features), visual_mask, image_outputs
+        for modality, outputs in encoded.items():
+            if outputs is None:
+                continue
+            features = list(outputs.pooler_output)
+            items = len(features)
+            features = torch.cat(features, dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
+            mask = self._placeholder_mask(modality, input_ids, inputs_embeds, features)
+            visual_mask = visual_mask | mask[..., 0]
+            inputs_embeds = inputs_embeds.masked_scatter(mask, features)
+            if modality == "image" and items > int(mask[..., 0].any(dim=1).sum()):
+                raise ValueError(
+                    f"SparseVLM supports one image per sample; got {items} images for "
+                    f"{int(mask[..., 0].any(dim=1).sum())} samples with image tokens"
+                )
+        fields = {"image_outputs": encoded.get("image")}
+        if encoded.get("video") is not None:
+            fields["video_outputs"] = encoded["video"]
+        return inputs_embeds, visual_mask, fields
 
     # ---- VoCo-LLaMA (specs/voco.md; the rule and the cache live in voco.py) ----
 
@@ -332,6 +358,12 @@ class SlimModelMixin(StockInitMixin):
                 "slimvlm.voco.add_voco_token(model, processor) once on a base checkpoint"
             )
         return token_id
+
+    def _voco_layout(self, voco_token_mask: torch.Tensor, input_ids: torch.Tensor | None) -> VoCoBounds:
+        """Where the VoCo rule applies in each full row: one VoCo group per row (an image, specs/voco.md §3).
+        Video families return `VoCoSegments` (one group per frame, §7)."""
+        check_voco_groups(voco_token_mask, self.config.compression["num_voco_tokens"])
+        return compute_voco_bounds(voco_token_mask)
 
     def _voco_layer_devices(self) -> list[torch.device]:
         return [next(layer.parameters()).device for layer in self.language_model.layers]
@@ -365,24 +397,26 @@ class SlimModelMixin(StockInitMixin):
         past_length = cache.get_seq_length() if cache is not None else 0
         if attention_mask is None:
             attention_mask = torch.ones(batch, past_length + length, dtype=torch.long, device=reference.device)
-        if position_ids is None:
-            position_ids = positions_from_padding(attention_mask, length)
         if voco_bounds is None and isinstance(cache, VoCoDynamicCache):
             # Continuing on a VoCo cache: nothing before the VoCo group is cached, so plain causal is exact.
+            if position_ids is None:
+                position_ids = positions_from_padding(attention_mask, length)
             return self._stock_forward(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
                                        position_ids=position_ids, cache=cache, inputs_embeds=inputs_embeds, **kwargs)
         if voco_bounds is None:
             if past_length > 0:
                 raise ValueError(
                     "VoCo full-mask decoding with a KV cache needs voco_bounds computed on the full rows "
-                    "(slimvlm.voco.voco_bounds(full_input_ids == config.voco_token_id)); generate() passes them itself"
+                    "(model.model._voco_layout(full_input_ids == config.voco_token_id, full_input_ids)); "
+                    "generate() passes them itself"
                 )
             if voco_token_mask is None:
                 if input_ids is None:
                     raise ValueError("VoCo with inputs_embeds needs voco_token_mask ([batch, length] bool, True at <voco>)")
                 voco_token_mask = input_ids == self._voco_token_id()
-            check_voco_groups(voco_token_mask, self.config.compression["num_voco_tokens"])
-            voco_bounds = compute_voco_bounds(voco_token_mask)
+            voco_bounds = self._voco_layout(voco_token_mask, input_ids)
+        if position_ids is None:
+            position_ids = voco_bounds.positions(attention_mask)[:, -length:]
         shape_only = torch.empty((batch, length, 0), dtype=self.get_input_embeddings().weight.dtype, device=reference.device)
         mask = build_voco_attention_mask(self.language_model.config, shape_only, attention_mask, voco_bounds,
                                          cache, position_ids)
@@ -513,6 +547,10 @@ class SlimGenerationMixin(StockInitMixin):
         num_voco = self.config.compression["num_voco_tokens"]
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        layout = self.model._voco_layout(input_ids == self.model._voco_token_id(), input_ids)
+        if isinstance(layout, VoCoSegments) and bool((layout.num_segments > 1).any()):
+            cache = self._voco_compress_segments(input_ids, pixel_values, attention_mask, layout, **kwargs)
+            return self._voco_finish(cache, position_mode)
         group = voco_group_indices(input_ids == self.model._voco_token_id(), num_voco)  # [B, K]
         stop = int(group[:, -1].max()) + 1
         input_ids, attention_mask = input_ids[:, :stop], attention_mask[:, :stop]
@@ -525,12 +563,52 @@ class SlimGenerationMixin(StockInitMixin):
         metadata = self.voco_cache_metadata()
         if pixel_values is not None and pixel_values.shape[0] == keys.shape[0]:
             metadata["image_sha256"] = json.dumps([tensor_sha256(image) for image in pixel_values])
-        cache = VoCoCache(keys, values, torch.gather(positions, 1, group), metadata=metadata)
+        return self._voco_finish(VoCoCache(keys, values, torch.gather(positions, 1, group), metadata=metadata), position_mode)
+
+    def _voco_finish(self, cache: VoCoCache, position_mode: str) -> VoCoCache:
+        """Compact mode: one uniform re-rotation puts the (contiguous) VoCo positions at 0 .. K - 1."""
         if position_mode == "compact":
             language_model = self.model.language_model
             cache = cache.relocate(language_model.rotary_emb, rotate_half_of(language_model), 0,
                                    rope_settings(self.config.text_config)[1])
         return cache
+
+    def _voco_compress_segments(self, input_ids, pixel_values, attention_mask, layout: VoCoSegments,
+                                pixel_values_videos=None, **kwargs) -> VoCoCache:
+        """Stage 1 for videos (specs/voco.md §7): every frame of every sample is one row [prefix, frame_t, VoCo_t]
+        at its shifted-segment positions, all rows in one batched causal forward; each sample's VoCo K/V are
+        concatenated in frame order (T·K tokens at contiguous positions)."""
+        frames = layout.num_segments
+        if not bool((frames == frames[0]).all()):
+            raise ValueError(f"voco_compress needs the same number of VoCo groups (frames) in every row of a batch; "
+                             f"got {frames.tolist()}: compress videos of different lengths (or images) separately")
+        num_frames, count = int(frames[0]), self.config.compression["num_voco_tokens"]
+        embeds, _, _ = self.model._merged_embeddings(input_ids, pixel_values, None, kwargs.pop("vision_feature_layer", None),
+                                                      None, None, None, pixel_values_videos)
+        positions = layout.positions(attention_mask)
+        rows = [(b, index) for b, sample in enumerate(segment_rows(layout, attention_mask)) for index in sample]
+        width = max(index.numel() for _, index in rows)
+        row_embeds = embeds.new_zeros(len(rows), width, embeds.shape[-1])
+        row_mask = torch.zeros(len(rows), width, dtype=attention_mask.dtype, device=attention_mask.device)
+        row_positions = torch.zeros(len(rows), width, dtype=torch.long, device=positions.device)
+        for r, (b, index) in enumerate(rows):  # left padding: each row ends with its VoCo group
+            row_embeds[r, width - index.numel():] = embeds[b, index]
+            row_mask[r, width - index.numel():] = 1
+            row_positions[r, width - index.numel():] = positions[b, index]
+        past = DynamicCache(config=self.config.text_config)
+        call_with_cache(self.model.language_model.forward, inputs_embeds=row_embeds, attention_mask=row_mask,
+                        position_ids=row_positions, cache=past, use_cache=True, **kwargs)
+        group = torch.arange(width - count, width, device=row_mask.device).expand(len(rows), -1)
+        keys, values = gather_voco_kv(past, group)  # [B·T, layers, kv_heads, K, head_dim]
+
+        def per_sample(tensor):  # -> [B, layers, kv_heads, T·K, head_dim], frames in order
+            batch = tensor.shape[0] // num_frames
+            tensor = tensor.reshape(batch, num_frames, *tensor.shape[1:]).permute(0, 2, 3, 1, 4, 5)
+            return tensor.reshape(batch, tensor.shape[1], tensor.shape[2], num_frames * count, tensor.shape[-1])
+
+        voco_positions = torch.gather(row_positions, 1, group).reshape(-1, num_frames * count)
+        metadata = dict(self.voco_cache_metadata(), num_frames=str(num_frames))
+        return VoCoCache(per_sample(keys), per_sample(values), voco_positions, metadata=metadata)
 
     def generate(self, *args, voco_cache: VoCoCache | None = None, **kwargs):
         """`GenerationMixin.generate`; with `voco_cache`, answer the text prompts from compressed images.
@@ -588,5 +666,11 @@ class SlimGenerationMixin(StockInitMixin):
             and input_ids.shape[1] > 0
             and getattr(self.config, "voco_token_id", None) is not None
         ):
-            model_inputs["voco_bounds"] = compute_voco_bounds(input_ids == self.config.voco_token_id)
+            layout = self.model._voco_layout(input_ids == self.config.voco_token_id, input_ids)
+            model_inputs["voco_bounds"] = layout
+            if isinstance(layout, VoCoSegments) and attention_mask is not None:
+                # Shifted-segment positions are not the cumsum positions generate() would use (specs/voco.md §7).
+                step = model_inputs.get("input_ids")
+                step_length = step.shape[1] if step is not None else model_inputs["inputs_embeds"].shape[1]
+                model_inputs["position_ids"] = layout.positions(attention_mask)[:, -step_length:]
         return model_inputs

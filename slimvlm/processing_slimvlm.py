@@ -5,20 +5,25 @@ Shipped with checkpoints: imports only transformers and flat siblings.
 
 from __future__ import annotations
 
+import inspect
+
+import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import BatchFeature, LlavaNextProcessor, LlavaProcessor
+from transformers import BatchFeature, LlavaNextProcessor, LlavaProcessor, VideoLlavaProcessor
 from transformers.image_processing_utils import select_best_resolution
 from transformers.image_utils import get_image_size, make_flat_list_of_images, to_numpy_array
-from transformers.processing_utils import MultiModalData
+from transformers.processing_utils import MultiModalData, ProcessorMixin
+from transformers.video_utils import make_batched_videos
 
 from .configuration_slimvlm import (
     anyres_visionzip_token_count,
     image_token_count,
     mini_gemini_token_count,
     normalize_compression,
+    video_token_count,
 )
-from .voco import VOCO_CHAT_TEMPLATE, voco_group_text
+from .voco import VOCO_CHAT_TEMPLATE, voco_group_text, voco_video_text
 
 
 class SlimProcessorMixin:
@@ -27,6 +32,9 @@ class SlimProcessorMixin:
     `compression` is a named init argument, so it is saved in processor_config.json and restored on load:
         processor = SlimLlavaProcessor.from_pretrained(path, compression=model.config.compression)
     """
+
+    # Whether the family takes videos (per-frame VisionZip counts are then part of the compression schema).
+    takes_videos = False
 
     def __init__(
         self,
@@ -54,7 +62,7 @@ class SlimProcessorMixin:
 
     def set_compression(self, compression: dict | None):
         """Switch compression (must match the model's); returns self."""
-        self.compression = normalize_compression(compression, self._tokens_per_view())
+        self.compression = normalize_compression(compression, self._tokens_per_view(), video=self.takes_videos)
         return self
 
     def _tokens_per_view(self) -> int | None:
@@ -79,19 +87,24 @@ class SlimProcessorMixin:
         return placeholders
 
 
-class SlimLlavaProcessor(SlimProcessorMixin, LlavaProcessor):
-    """`LlavaProcessor` whose placeholder count follows `compression` (the model's `config.compression`)."""
+class SingleViewImageMixin:
+    """Image placeholders of one-view families (LLaVA-1.5, Video-LLaVA's images): the stock count, then the
+    compression's."""
 
     def _tokens_per_image(self, height: int, width: int) -> int:
-        # The stock LlavaProcessor count, then the compression's.
         count = (height // self.patch_size) * (width // self.patch_size) + self.num_additional_image_tokens
         if self.vision_feature_select_strategy == "default":
             count -= 1
         return image_token_count(self.compression, count)
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
-        height, width = get_image_size(to_numpy_array(image_inputs["pixel_values"][image_idx]))
+        pixel_values = image_inputs.get("pixel_values", image_inputs.get("pixel_values_images"))
+        height, width = get_image_size(to_numpy_array(pixel_values[image_idx]))
         return self._with_voco_group(self.image_token * self._tokens_per_image(height, width))
+
+
+class SlimLlavaProcessor(SingleViewImageMixin, SlimProcessorMixin, LlavaProcessor):
+    """`LlavaProcessor` whose placeholder count follows `compression` (the model's `config.compression`)."""
 
     def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs):
         if image_sizes is None:
@@ -208,8 +221,94 @@ class SlimMiniGeminiProcessor(SlimProcessorMixin, LlavaProcessor):
                               num_image_patches=[self.views_per_image] * len(image_sizes))
 
 
+class FrameVideoProcessor:
+    """Video frames through an image processor's PIL/numpy path, one frame at a time: no torchvision needed.
+
+    Video-LLaVA preprocesses every frame as a CLIP image (RGB, resize shortest edge to 224 bicubic, center crop
+    224, rescale 1/255, normalise with the OpenAI CLIP mean/std), which is exactly what its image processor does.
+    Accepts one video or a batch: a list of PIL frames, an array / tensor [frames, H, W, 3], or a list of those.
+    Returns `pixel_values_videos` [videos, frames, 3, H, W].
+    """
+
+    def __init__(self, image_processor):
+        self.image_processor = image_processor
+
+    def __call__(self, videos, return_tensors=None, **kwargs) -> BatchFeature:
+        processed = []
+        for video in make_batched_videos(videos):
+            frames = [frame.numpy() if isinstance(frame, torch.Tensor) else np.asarray(frame) for frame in video]
+            out = self.image_processor(frames, return_tensors="np")
+            processed.append(np.asarray(out.get("pixel_values", out.get("pixel_values_images"))))
+        if len({video.shape for video in processed}) > 1:
+            raise ValueError(f"videos in one batch need the same number of frames; got {[v.shape[0] for v in processed]}")
+        return BatchFeature({"pixel_values_videos": np.stack(processed)}, tensor_type=return_tensors)
+
+
+class FrameVideoLlavaProcessor(VideoLlavaProcessor):
+    """`VideoLlavaProcessor` without its `video_processor` sub-processor (transformers' video processors need
+    torchvision): frames go through the image processor instead (`FrameVideoProcessor`)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, patch_size=14, vision_feature_select_strategy="default",
+                 image_token="<image>", video_token="<video>", chat_template=None, num_additional_image_tokens=1,
+                 **kwargs):
+        self.patch_size = patch_size
+        self.num_additional_image_tokens = num_additional_image_tokens
+        self.vision_feature_select_strategy = vision_feature_select_strategy
+        self.image_token = getattr(tokenizer, "image_token", None) or image_token
+        self.video_token = getattr(tokenizer, "video_token", None) or video_token
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template, **kwargs)
+
+    @property
+    def video_processor(self) -> FrameVideoProcessor:
+        """The frames' preprocessing: the image processor, frame by frame."""
+        return FrameVideoProcessor(self.image_processor)
+
+    def _process_images(self, images, **kwargs):
+        if "return_legacy_image_output" in inspect.signature(self.image_processor.preprocess).parameters:
+            kwargs["return_legacy_image_output"] = False
+        processed, replacements = super()._process_images(images, **kwargs)
+        if "pixel_values_images" in processed:  # VideoLlavaImageProcessor's legacy key; the models take pixel_values
+            processed["pixel_values"] = processed.pop("pixel_values_images")
+        return processed, replacements
+
+class SlimVideoLlavaProcessor(SingleViewImageMixin, SlimProcessorMixin, FrameVideoLlavaProcessor):
+    """Video-LLaVA's processor whose placeholder counts follow `compression`, with torchvision-free video frames.
+
+    Images: K = dominant + contextual placeholders under VisionZip (the stock 256 otherwise). Videos: F x K with
+    K = video_dominant + video_contextual under VisionZip (the stock F x 257 otherwise); under VoCo every frame
+    is followed by its own group of `<voco>` tokens (specs/voco.md §7).
+    """
+
+    takes_videos = True
+
+    def __init__(self, image_processor=None, tokenizer=None, patch_size=14, vision_feature_select_strategy="default",
+                 chat_template=None, image_token="<image>", num_additional_image_tokens=1,
+                 compression: dict | None = None, video_token="<video>", **kwargs):
+        # The stock VideoLlavaProcessor's defaults (CLS counted, "default" strategy for images).
+        super().__init__(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+                         vision_feature_select_strategy=vision_feature_select_strategy, chat_template=chat_template,
+                         image_token=image_token, num_additional_image_tokens=num_additional_image_tokens,
+                         compression=compression, video_token=video_token, **kwargs)
+
+    def _tokens_per_frame(self, height: int, width: int) -> int:
+        """Stock tokens of one frame: the video tower keeps CLS (257 for 224-px frames)."""
+        return (height // self.patch_size) * (width // self.patch_size) + self.num_additional_image_tokens
+
+    def replace_video_token(self, video_inputs: dict, video_idx: int, **kwargs) -> str:
+        video = video_inputs["pixel_values_videos"][video_idx]
+        frames, height, width = video.shape[0], video.shape[-2], video.shape[-1]
+        count = video_token_count(self.compression, self._tokens_per_frame(height, width), frames)
+        if self.compression["method"] == "voco":
+            return voco_video_text(self.video_token * (count // frames), frames, self.compression["num_voco_tokens"])
+        return self.video_token * count
+
+
 SlimLlavaProcessor.register_for_auto_class("AutoProcessor")
 SlimLlavaNextProcessor.register_for_auto_class("AutoProcessor")
 SlimMiniGeminiProcessor.register_for_auto_class("AutoProcessor")
+SlimVideoLlavaProcessor.register_for_auto_class("AutoProcessor")
 
-__all__ = ["SlimLlavaNextProcessor", "SlimLlavaProcessor", "SlimMiniGeminiProcessor", "mini_gemini_views"]
+__all__ = ["FrameVideoLlavaProcessor", "FrameVideoProcessor", "SlimLlavaNextProcessor", "SlimLlavaProcessor",
+           "SlimMiniGeminiProcessor", "SlimVideoLlavaProcessor", "mini_gemini_views"]

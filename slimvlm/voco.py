@@ -76,6 +76,13 @@ class VoCoBounds:
     def to(self, device: torch.device | str) -> "VoCoBounds":
         return VoCoBounds(self.first.to(device), self.last.to(device), self.has_voco.to(device))
 
+    def mask_function(self) -> Callable:
+        return voco_and_mask_function(self)
+
+    def positions(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B, L] positions of the rows (per sample, cumsum - 1, as `generate()` computes them)."""
+        return positions_from_padding(attention_mask, attention_mask.shape[1])
+
 
 def voco_bounds(voco_token_mask: torch.Tensor) -> VoCoBounds:
     """First/last VoCo index per row from a [B, L] bool mask of VoCo positions (padded, image-expanded row)."""
@@ -161,11 +168,13 @@ def build_voco_attention_mask(
     text_config,
     inputs_embeds: torch.Tensor,
     attention_mask: torch.Tensor,
-    bounds: VoCoBounds,
+    bounds: "VoCoBounds | VoCoSegments",
     cache=None,
     position_ids: torch.Tensor | None = None,
 ) -> Any:
     """The full VoCo mask in the format the language model's backend expects.
+
+    bounds: `VoCoBounds` (the image rule, §3) or `VoCoSegments` (the shifted-segments video rule, §7).
 
     inputs_embeds: [B, q, *] (only batch, length, dtype and device are read).
     attention_mask: [B, past + q] 2-D padding mask (always given: without it, positions could be read
@@ -175,7 +184,7 @@ def build_voco_attention_mask(
     check_mask_backend(getattr(text_config, "_attn_implementation", None), bool(bounds.has_voco.any()))
     bounds = bounds.to(inputs_embeds.device)
     mask = causal_mask(text_config, inputs_embeds, attention_mask, cache, position_ids=position_ids,
-                       and_mask_function=voco_and_mask_function(bounds))
+                       and_mask_function=bounds.mask_function())
     return unmask_padding_queries(mask, attention_mask[:, -inputs_embeds.shape[1] :].bool())
 
 
@@ -206,6 +215,132 @@ def voco_group_indices(voco_token_mask: torch.Tensor, num_voco_tokens: int) -> t
     if not bool((bounds.last - bounds.first + 1 == num_voco_tokens).all()):
         raise ValueError("the <voco> tokens of a row must be contiguous (one VoCo group per image)")
     return bounds.first[:, None] + torch.arange(num_voco_tokens, device=voco_token_mask.device)[None, :]
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1b. Video: "shifted segments" (spec §7; our design, not the paper's code)
+# ----------------------------------------------------------------------------------------------------
+
+# Segment id of the tokens after the last VoCo group (the text); the prefix before the first frame is -1.
+TEXT_SEGMENT = 1 << 30
+
+
+@dataclass
+class VoCoSegments:
+    """The segment of every token of the padded, expanded rows (spec §7).
+
+    segment: [B, L] int64: -1 for the prefix (BOS, anything before the first visual token), t for segment t
+        (frame t's tokens and the VoCo group that follows them), TEXT_SEGMENT after the last VoCo group. A row
+        without VoCo is all prefix (plain causal attention); a row with one group (an image) obeys exactly the
+        image rule of §3.
+    is_voco: [B, L] bool.
+    num_segments: [B] VoCo groups per row.
+    """
+
+    segment: torch.Tensor
+    is_voco: torch.Tensor
+    num_segments: torch.Tensor
+
+    @property
+    def has_voco(self) -> torch.Tensor:
+        return self.num_segments > 0
+
+    def to(self, device: torch.device | str) -> "VoCoSegments":
+        return VoCoSegments(self.segment.to(device), self.is_voco.to(device), self.num_segments.to(device))
+
+    def mask_function(self) -> Callable:
+        return voco_segment_mask_function(self)
+
+    def positions(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B, L] shifted-segment positions of the rows (`segment_positions`)."""
+        return segment_positions(self, attention_mask)
+
+
+def voco_segments(voco_token_mask: torch.Tensor, visual_token_mask: torch.Tensor, num_voco_tokens: int) -> VoCoSegments:
+    """Segments of rows laid out `[prefix][frame_1][VoCo_1 x K] ... [frame_T][VoCo_T x K] text` (spec §7).
+
+    voco_token_mask, visual_token_mask: [B, L] bool (`<voco>` positions; frame / image placeholder positions).
+    Segment t runs from the token after VoCo group t - 1 (for t = 0: the first visual token) through the last
+    token of group t. Raises ValueError unless every group is K contiguous `<voco>` tokens.
+    """
+    is_voco = voco_token_mask.bool()
+    batch, length = is_voco.shape
+    following = torch.cat([is_voco[:, 1:], torch.zeros_like(is_voco[:, :1])], 1)
+    group_end = is_voco & ~following
+    preceding = torch.cat([torch.zeros_like(is_voco[:, :1]), is_voco[:, :-1]], 1)
+    group_start = is_voco & ~preceding
+    num_segments = group_end.sum(1)
+    group = (group_start.long().cumsum(1) - 1).clamp(min=0)  # each <voco> token's group
+    sizes = torch.zeros(batch, length + 1, dtype=torch.long, device=is_voco.device)
+    sizes.scatter_add_(1, group, is_voco.long())
+    index = torch.arange(length, device=is_voco.device).expand(batch, -1)
+    used = index < num_segments[:, None]
+    if not bool((sizes[:, :length][used] == num_voco_tokens).all()):
+        raise ValueError(
+            f"every VoCo group must be num_voco_tokens={num_voco_tokens} contiguous <voco> tokens (one group per frame "
+            f"or image); got {is_voco.sum(1).tolist()} <voco> tokens in {num_segments.tolist()} groups per row"
+        )
+    segment = group_end.long().cumsum(1) - group_end.long()  # groups that ended strictly before the token
+    segment = torch.where(segment >= num_segments[:, None], torch.full_like(segment, TEXT_SEGMENT), segment)
+    first_visual = torch.where(visual_token_mask.bool(), index, torch.full_like(index, length)).amin(1)
+    segment = torch.where(index < first_visual[:, None], torch.full_like(segment, -1), segment)
+    return VoCoSegments(segment=segment, is_voco=is_voco, num_segments=num_segments)
+
+
+def voco_segment_mask_function(segments: VoCoSegments) -> Callable:
+    """The §7 rule as an `and_mask_function` (causality and padding come from `create_causal_mask`):
+
+    - a prefix token sees the causal prefix;
+    - a token of segment t sees the prefix and segment t;
+    - a token after the last VoCo sees every VoCo token and the tokens after the last VoCo.
+    Index-only tensor ops (mask creation runs it under `vmap`); indices are absolute, so the segments must
+    be computed on the full rows (they are, at every decode step).
+    """
+    segment, is_voco = segments.segment, segments.is_voco
+
+    def segment_rule(batch_idx, head_idx, q_idx, kv_idx):
+        query, key = segment[batch_idx, q_idx], segment[batch_idx, kv_idx]
+        in_segment = (query >= 0) & (query != TEXT_SEGMENT)
+        text = query == TEXT_SEGMENT
+        return ((query < 0) | (in_segment & ((key < 0) | (key == query)))
+                | (text & (is_voco[batch_idx, kv_idx] | (key == TEXT_SEGMENT))))
+
+    return segment_rule
+
+
+def segment_positions(segments: VoCoSegments, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Shifted-segment positions [B, L] (spec §7): segment t takes the positions an image sample would take,
+    shifted by t·K, and the text continues after the last VoCo group (for one image: the plain positions).
+
+    Every token's plain position (cumsum - 1) minus the non-VoCo tokens of the segments before its own (the
+    text counts as the last segment); pads get 0. Frames of n tokens and groups of K give frame t the
+    positions 1 + t·K ..., VoCo_t n + 1 + t·K ... and the text n + 1 + T·K ....
+    """
+    real = attention_mask.bool()
+    plain = attention_mask.long().cumsum(-1) - 1
+    segment = segments.segment
+    last = (segments.num_segments - 1).clamp(min=0)[:, None]
+    own = torch.where(segment == TEXT_SEGMENT, last, segment.clamp(min=0))  # [B, L]
+    width = int(segments.num_segments.max()) + 1 if segment.numel() else 1
+    counted = real & (segment >= 0) & (segment != TEXT_SEGMENT) & ~segments.is_voco
+    per_segment = torch.zeros(segment.shape[0], width, dtype=torch.long, device=segment.device)
+    per_segment.scatter_add_(1, torch.where(counted, segment, torch.zeros_like(segment)).clamp(max=width - 1),
+                             counted.long())
+    before = per_segment.cumsum(1) - per_segment  # non-VoCo tokens of the segments before t
+    positions = plain - torch.gather(before, 1, own)
+    return positions.masked_fill(~real, 0)
+
+
+def segment_rows(segments: VoCoSegments, attention_mask: torch.Tensor) -> list[list[torch.Tensor]]:
+    """Per sample, per segment t: the indices of the stage-1 row of frame t, i.e. the real prefix tokens followed
+    by segment t's tokens (what a token of segment t may attend to). [B][T] of 1-D int64 tensors."""
+    real = attention_mask.bool()
+    rows = []
+    for b in range(segments.segment.shape[0]):
+        prefix = ((segments.segment[b] < 0) & real[b]).nonzero().flatten()
+        rows.append([torch.cat([prefix, ((segments.segment[b] == t) & real[b]).nonzero().flatten()])
+                     for t in range(int(segments.num_segments[b]))])
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -622,6 +757,11 @@ def voco_group_text(num_voco_tokens: int) -> str:
     return "\n" + VOCO_TOKEN * num_voco_tokens
 
 
+def voco_video_text(frame_placeholders: str, num_frames: int, num_voco_tokens: int) -> str:
+    """A video under VoCo (spec §7): every frame's placeholders directly followed by its own K `<voco>`."""
+    return (frame_placeholders + VOCO_TOKEN * num_voco_tokens) * num_frames
+
+
 # ----------------------------------------------------------------------------------------------------
 # 4. Training helpers (spec §4)
 # ----------------------------------------------------------------------------------------------------
@@ -682,7 +822,8 @@ def freeze_vision_tower(model) -> list[str]:
 
 
 class VoCoDataCollator:
-    """Batches {"image": PIL | None, "conversation": [(user, answer), ...]} examples for `Trainer`.
+    """Batches {"image": PIL | None, "conversation": [(user, answer), ...]} examples for `Trainer`; with a
+    video-capable processor, examples may carry {"video": frames} instead (one VoCo group per frame, spec §7).
 
     Labels are -100 everywhere except the assistant answers and their `</s>` (LLaVA v1). Each piece of
     the conversation is tokenised separately and concatenated, so the labels line up exactly; the first
@@ -702,15 +843,19 @@ class VoCoDataCollator:
         self.max_length = max_length
 
     # What the processor returns for an image, passed on to the model (LLaVA-NeXT adds the anyres `image_sizes`).
-    IMAGE_KEYS = ("pixel_values", "image_sizes")
+    IMAGE_KEYS = ("pixel_values", "image_sizes", "pixel_values_videos")
 
     def encode(self, example: dict) -> dict[str, torch.Tensor]:
         """One example -> input_ids [L], labels [L] and, with an image, the processor's image tensors
         (pixel_values [1, 3, H, W], or [1, views, 3, H, W] and image_sizes [1, 2] for LLaVA-NeXT)."""
-        image = example.get("image")
-        segments = voco_prompt_segments(example["conversation"], image is not None, self.system_prompt,
-                                         self.strip_newlines)
-        first = self.processor(text=segments[0][0], images=[image] if image is not None else None, return_tensors="pt")
+        image, video = example.get("image"), example.get("video")
+        if image is not None and video is not None:
+            raise ValueError("a VoCo example holds an image or a video, not both")
+        media = {"images": [image]} if image is not None else {"videos": [video]} if video is not None else {}
+        marker = getattr(self.processor, "video_token", "<video>") if video is not None else "<image>"
+        segments = voco_prompt_segments(example["conversation"], bool(media), self.system_prompt,
+                                        self.strip_newlines, image_token=marker)
+        first = self.processor(text=segments[0][0], return_tensors="pt", **media)
         ids = [first["input_ids"][0]]
         labels = [torch.full_like(ids[0], IGNORE_INDEX)]
         for text, supervised in segments[1:]:
@@ -720,7 +865,7 @@ class VoCoDataCollator:
         out = {"input_ids": torch.cat(ids), "labels": torch.cat(labels)}
         if self.max_length is not None:  # right truncation never cuts the image: it comes first
             out = {k: v[: self.max_length] for k, v in out.items()}
-        if image is not None:
+        if media:
             out.update({key: first[key] for key in self.IMAGE_KEYS if key in first})
         return out
 
@@ -765,6 +910,7 @@ __all__ = [
     "VoCoCache",
     "VoCoDataCollator",
     "VoCoDynamicCache",
+    "VoCoSegments",
     "add_voco_token",
     "build_voco_attention_mask",
     "build_voco_prompt",
@@ -778,12 +924,17 @@ __all__ = [
     "positions_from_padding",
     "rerotate_keys",
     "rotate_half_of",
+    "segment_positions",
+    "segment_rows",
     "unmask_padding_queries",
     "voco_and_mask_function",
     "voco_bounds",
     "voco_group_text",
+    "voco_video_text",
     "voco_group_indices",
     "voco_prompt_segments",
     "voco_reference_mask",
+    "voco_segment_mask_function",
+    "voco_segments",
     "weights_fingerprint",
 ]

@@ -48,6 +48,17 @@ def make_tokenizer(voco: bool = True) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
+def pad_rows(rows: list[list[int]], padding_side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id rows of unequal length -> (ids [B, L] padded with 0, real [B, L] 1 at tokens), left or right."""
+    length = max(map(len, rows))
+    ids = torch.zeros(len(rows), length, dtype=torch.long)
+    real = torch.zeros(len(rows), length, dtype=torch.long)
+    for b, row in enumerate(rows):
+        span = slice(length - len(row), length) if padding_side == "left" else slice(0, len(row))
+        ids[b, span], real[b, span] = torch.tensor(row), 1
+    return ids, real
+
+
 IMAGE_TOKEN_ID = SPECIAL_TOKENS.index("<image>")
 PAD_TOKEN_ID = SPECIAL_TOKENS.index("<pad>")
 
@@ -203,3 +214,51 @@ def make_mgm_processor(hd: bool = False, compression=None, padding_side: str = "
                                         base_image_size=48, num_image_tokens=576, compression=compression)
     processor.tokenizer.padding_side = padding_side
     return processor
+
+
+# ---- Video-LLaVA: two tiny towers (24-px views, patch 4 -> 36 patches + CLS = 37 tokens); <video> after the words
+
+VIDEO_SIDE = 24
+VIDEO_PATCH = 4
+
+
+def make_video_tokenizer():
+    """`make_tokenizer` plus `<video>` (id 6); the words shift by one."""
+    tokenizer = make_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", "<voco>", "<video>"]})
+    assert tokenizer.convert_tokens_to_ids("<video>") == len(SPECIAL_TOKENS) + len(WORDS) + 1
+    return tokenizer
+
+
+def tiny_video_llava_config(**tiny_kwargs):
+    """The tiny LLaVA towers and LM (`tiny_llava_config` arguments) in a VideoLlavaConfig."""
+    from transformers import VideoLlavaConfig
+
+    tiny_kwargs = {"image_size": VIDEO_SIDE, "patch_size": VIDEO_PATCH, **tiny_kwargs}
+    base = tiny_llava_config(vocab_size=len(SPECIAL_TOKENS) + len(WORDS) + 2, **tiny_kwargs).to_dict()
+    return VideoLlavaConfig(vision_config=base["vision_config"], text_config=base["text_config"],
+                            image_token_index=IMAGE_TOKEN_ID, video_token_index=video_token_id())
+
+
+def video_token_id() -> int:
+    return len(SPECIAL_TOKENS) + len(WORDS) + 1
+
+
+def make_video_image_processor(side: int = VIDEO_SIDE):
+    from transformers.models.video_llava.image_processing_video_llava import VideoLlavaImageProcessor
+
+    return VideoLlavaImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+
+
+def random_video(frames: int, height: int = 30, width: int = 40, seed: int = 0):
+    """A [frames, H, W, 3] uint8 array of random noise (not square, so resize + crop both act)."""
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.rand(frames, height, width, 3, generator=generator) * 255).to(torch.uint8).numpy()
+
+
+def load_quantized(model_class, folder, bits: int, **kwargs):
+    """`model_class.from_pretrained(folder)` in bitsandbytes 4- or 8-bit on the CPU, in eval mode."""
+    from transformers import BitsAndBytesConfig
+
+    quantization = BitsAndBytesConfig(load_in_4bit=True) if bits == 4 else BitsAndBytesConfig(load_in_8bit=True)
+    return model_class.from_pretrained(folder, quantization_config=quantization, device_map="cpu", **kwargs).eval()

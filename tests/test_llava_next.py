@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from builders import IMAGE_TOKEN_ID, make_next_processor, next_images, tiny_llava_next_config
-from test_remote_code import run_isolated
+from builders import IMAGE_TOKEN_ID, load_quantized, make_next_processor, next_images, tiny_llava_next_config
+from test_remote_code import check_auto_classes, check_remote_round_trip
 from test_visionzip import reference_visionzip
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlavaNextForConditionalGeneration
 from transformers.image_processing_utils import select_best_resolution
@@ -309,44 +309,23 @@ def test_voco_two_stage_equals_the_full_mask_forward(images):
 
 
 def test_remote_code_round_trip(tmp_path, images):
-    from safetensors.torch import load_file
-
     compression = {"method": "visionzip", "dominant": 10, "contextual": 3}
-    model = slim_next(compression)
     processor = slim_processor(compression)
-    folder = tmp_path / "model"
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
     images[0].save(tmp_path / "image.png")
     inputs = processor(images=[images[0]], text=[PROMPT], return_tensors="pt")
-    with torch.no_grad():
-        logits = model(**inputs).logits
-        tokens = model.generate(**inputs, max_new_tokens=3, do_sample=False, eos_token_id=None)
-    out = tmp_path / "out.safetensors"
-    report = run_isolated([{"folder": str(folder), "image": str(tmp_path / "image.png"), "prompt": PROMPT,
-                            "out": str(out), "new_tokens": 3}], tmp_path / "isolated")
-    assert report["slimvlm_importable"] is False
-    result = report["results"][0]
-    assert result["model_class"].endswith("modeling_llava_next.SlimLlavaNextForConditionalGeneration")
-    assert result["processor_class"].endswith("processing_slimvlm.SlimLlavaNextProcessor")
-    assert result["compression"] == compression == result["processor_compression"]
-    assert result["missing"] == [] and result["unexpected"] == []
-    assert result["tokens"] == tokens[:, inputs["input_ids"].shape[1]:].tolist()
-    torch.testing.assert_close(load_file(out)["logits"], logits, rtol=0, atol=1e-5)
+    result = check_remote_round_trip(slim_next(compression), processor, inputs, {"image": str(tmp_path / "image.png")},
+                                     PROMPT, tmp_path, "modeling_llava_next.SlimLlavaNextForConditionalGeneration",
+                                     "processing_slimvlm.SlimLlavaNextProcessor")
+    assert result["compression"] == compression
 
 
 @pytest.mark.quantization
 @pytest.mark.parametrize("bits", [4, 8])
 def test_quantized_loading_keeps_vision_side_full_precision(tmp_path, images, bits):
     pytest.importorskip("bitsandbytes")
-    from transformers import BitsAndBytesConfig
-
-    source = slim_next(text_hidden=64, vision_hidden=64)  # bitsandbytes' 4-bit blocks need 64-wide rows
-    source.save_pretrained(tmp_path)
-    quantization = BitsAndBytesConfig(load_in_4bit=True) if bits == 4 else BitsAndBytesConfig(load_in_8bit=True)
-    model = SlimLlavaNextForConditionalGeneration.from_pretrained(
-        tmp_path, quantization_config=quantization, device_map="cpu",
-        compression={"method": "visionzip", "dominant": 10, "contextual": 3}).eval()
+    slim_next(text_hidden=64, vision_hidden=64).save_pretrained(tmp_path)  # bitsandbytes' 4-bit blocks need 64-wide rows
+    model = load_quantized(SlimLlavaNextForConditionalGeneration, tmp_path, bits,
+                           compression={"method": "visionzip", "dominant": 10, "contextual": 3})
     assert all(type(m) is torch.nn.Linear for m in model.model.vision_tower.modules() if isinstance(m, torch.nn.Linear))
     assert type(model.model.multi_modal_projector.linear_1) is torch.nn.Linear
     assert model.model.image_newline.dtype == torch.float32
@@ -359,15 +338,8 @@ def test_quantized_loading_keeps_vision_side_full_precision(tmp_path, images, bi
 
 
 def test_auto_classes_resolve_to_slim_next(tmp_path):
-    from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
-
     model = slim_next({"method": "visionzip", "tokens": 13})
-    model.save_pretrained(tmp_path)
-    slim_processor(model.config.compression).save_pretrained(tmp_path)
-    assert type(AutoConfig.from_pretrained(tmp_path)) is SlimLlavaNextConfig
-    assert type(AutoModelForImageTextToText.from_pretrained(tmp_path)) is SlimLlavaNextForConditionalGeneration
-    assert type(AutoModel.from_pretrained(tmp_path)).__name__ == "SlimLlavaNextModel"
-    assert type(AutoProcessor.from_pretrained(tmp_path)) is SlimLlavaNextProcessor
+    check_auto_classes(model, slim_processor(model.config.compression), tmp_path)
 
 
 def test_voco_collator_training_step_and_export_on_next(images, tmp_path):

@@ -57,7 +57,12 @@ ISOLATED_RUNNER = textwrap.dedent(
         )
         model.eval()
         processor = AutoProcessor.from_pretrained(task["folder"], trust_remote_code=True)  # compression from its json
-        inputs = processor(images=[Image.open(task["image"])], text=[task["prompt"]], return_tensors="pt")
+        media = {"images": [Image.open(task["image"])]} if task.get("image") else {}
+        if task.get("video"):  # a [frames, H, W, 3] uint8 array
+            import numpy
+
+            media["videos"] = [numpy.load(task["video"])]
+        inputs = processor(text=[task["prompt"]], return_tensors="pt", **media)
         with torch.no_grad():
             logits = model(**inputs).logits
         tokens = model.generate(**inputs, max_new_tokens=task["new_tokens"], do_sample=False, eos_token_id=None)
@@ -111,6 +116,46 @@ def run_isolated(tasks: list[dict], workdir: Path) -> dict:
     lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
     assert completed.returncode == 0 and lines, f"isolated run failed:\n{completed.stdout[-3000:]}\n{completed.stderr[-6000:]}"
     return json.loads(lines[-1][len("RESULT ") :])
+
+
+def check_remote_round_trip(model, processor, inputs, media: dict, prompt: str, tmp_path: Path, model_class: str,
+                            processor_class: str, new_tokens: int = 3) -> dict:
+    """Save `model` and `processor`, load both with trust_remote_code in a clean process (slimvlm not importable)
+    and check the reload: same classes, compression, every weight loaded, the same logits and greedy tokens on
+    `prompt` with `media` (the runner's {"image": path} or {"video": path to a [frames, H, W, 3] .npy})."""
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        tokens = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None)
+    out = tmp_path / "out.safetensors"
+    report = run_isolated([{"folder": str(folder), "prompt": prompt, "out": str(out), "new_tokens": new_tokens, **media}],
+                          tmp_path / "isolated")
+    assert report["slimvlm_importable"] is False
+    result = report["results"][0]
+    assert result["model_class"].endswith(model_class)
+    assert result["processor_class"].endswith(processor_class)
+    assert result["compression"] == model.config.compression == result["processor_compression"]
+    assert result["missing"] == [] and result["unexpected"] == []
+    assert result["tokens"] == tokens[:, inputs["input_ids"].shape[1]:].tolist()
+    torch.testing.assert_close(load_file(out)["logits"], logits, rtol=0, atol=1e-5)
+    return result
+
+
+def check_auto_classes(model, processor, folder: Path):
+    """Save `model` and `processor` to `folder` and check that the Auto classes load them back as the Slim
+    classes (AutoModel: the head-less base model). Returns the reloaded processor."""
+    from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
+
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    assert type(AutoConfig.from_pretrained(folder)) is type(model.config)
+    assert type(AutoModelForImageTextToText.from_pretrained(folder)) is type(model)
+    assert type(AutoModel.from_pretrained(folder)).__name__ == type(model.model).__name__
+    reloaded = AutoProcessor.from_pretrained(folder)
+    assert type(reloaded) is type(processor)
+    return reloaded
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import torch
 from tokenizers import AddedToken
 from tokenizers.processors import TemplateProcessing
 
-from builders import SPECIAL_TOKENS, make_processor, make_tokenizer, random_images, tiny_llava_config
+from builders import SPECIAL_TOKENS, make_processor, make_tokenizer, pad_rows, random_images, tiny_llava_config
 from slimvlm import SlimLlavaConfig, SlimLlavaForConditionalGeneration, SlimLlavaProcessor
 from slimvlm.voco import (
     IGNORE_INDEX,
@@ -146,13 +146,7 @@ def synthetic_rows(num_voco: int, padding_side: str):
     rows = [[1] + [IMAGE_ID] * 3 + [VOCO_ID] * num_voco + [7, 8],
             [1] + [IMAGE_ID] * 5 + [9] + [VOCO_ID] * num_voco + [9, 7, 8, 10],
             [1, 7, 8, 9]]
-    length = max(map(len, rows))
-    ids = torch.zeros(len(rows), length, dtype=torch.long)
-    real = torch.zeros(len(rows), length, dtype=torch.long)
-    for b, row in enumerate(rows):
-        span = slice(length - len(row), length) if padding_side == "left" else slice(0, len(row))
-        ids[b, span], real[b, span] = torch.tensor(row), 1
-    return ids, real
+    return pad_rows(rows, padding_side)
 
 
 @pytest.mark.parametrize("padding_side", ["left", "right"])
