@@ -221,24 +221,29 @@ def _fields(cls) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 
 
-def model_output(output_class, *, last_hidden_state, cache=None, image_outputs=None, **fields):
-    """An instance of a `Llava*ModelOutputWithPast`-style class in the installed layout.
+MODALITIES = ("image", "video")
 
-    image_outputs: the `get_image_features` output (5.24 stores it whole; before, its `pooler_output`
-    went into `image_hidden_states`).
+
+def model_output(output_class, *, last_hidden_state, cache=None, **fields):
+    """An instance of a `*ModelOutputWithPast`-style class in the installed layout.
+
+    fields may hold `image_outputs` / `video_outputs`: the `get_{image,video}_features` output (5.24 stores it
+    whole; before, its `pooler_output` went into `image_hidden_states` / `video_hidden_states`).
     """
     names = _fields(output_class)
     cache_field = next((n for n in CACHE_KEYWORDS if n in names), None)
     if cache_field is None:
         raise TransformersCompatError(f"{output_class.__name__} has no cache field ({list(CACHE_KEYWORDS)})")
-    values = {"last_hidden_state": last_hidden_state, cache_field: cache, **fields}
-    if "image_outputs" in names:
-        values["image_outputs"] = image_outputs
-    elif "image_hidden_states" in names:
-        values["image_hidden_states"] = None if image_outputs is None else image_outputs.pooler_output
-    elif image_outputs is not None:
-        raise TransformersCompatError(f"{output_class.__name__} has no field for image features")
-    return output_class(**values)
+    values = {"last_hidden_state": last_hidden_state, cache_field: cache}
+    for modality in MODALITIES:
+        encoded = fields.pop(f"{modality}_outputs", None)
+        if f"{modality}_outputs" in names:
+            values[f"{modality}_outputs"] = encoded
+        elif f"{modality}_hidden_states" in names:
+            values[f"{modality}_hidden_states"] = None if encoded is None else encoded.pooler_output
+        elif encoded is not None:
+            raise TransformersCompatError(f"{output_class.__name__} has no field for {modality} features")
+    return output_class(**values, **fields)
 
 
 def output_cache(output):
