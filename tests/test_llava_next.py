@@ -189,16 +189,21 @@ def test_left_padded_mixed_grid_batch_generates_what_each_sample_generates_alone
     model = slim_next(compression, **lm_shape(compression))
     processor = slim_processor(model.config.compression)
     prompts = [PROMPT, "USER: <image>\n what ASSISTANT:", "USER: <image>\n how many red circle are there ? ASSISTANT:"]
+    assert_batch_generates_what_each_sample_generates_alone(model, processor, images, prompts)
+
+
+def assert_batch_generates_what_each_sample_generates_alone(model, processor, images, prompts):
+    """A left-padded batch generates what each (image, prompt) generates alone, and generate() with a cache
+    equals a cache-free greedy loop (SparseVLM: replaying the batch prefill's plan)."""
     batch = processor(images=images, text=prompts, return_tensors="pt", padding=True)
     with torch.no_grad():
         together = model.generate(**batch, **SETTINGS)[:, batch["input_ids"].shape[1]:]
         for i, (image, prompt) in enumerate(zip(images, prompts)):
             alone = processor(images=[image], text=[prompt], return_tensors="pt")
             assert together[i].tolist() == model.generate(**alone, **SETTINGS)[0, alone["input_ids"].shape[1]:].tolist()
-    with torch.no_grad():
         together = model.generate(**batch, **SETTINGS)[:, batch["input_ids"].shape[1]:]
-    plan = {"sparsevlm_plan": model.sparsevlm_report.steps} if compression["method"] == "sparsevlm" else {}
-    assert together.tolist() == greedy_without_cache(model, batch, 4, **plan).tolist()  # generate() with cache = no cache
+    plan = {"sparsevlm_plan": model.sparsevlm_report.steps} if model.config.compression["method"] == "sparsevlm" else {}
+    assert together.tolist() == greedy_without_cache(model, batch, 4, **plan).tolist()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -21,11 +21,11 @@ from builders import (
     random_images,
     tiny_mini_gemini_config,
 )
-from test_llava_next import greedy_without_cache
+from test_llava_next import assert_batch_generates_what_each_sample_generates_alone, greedy_without_cache
 from test_remote_code import run_isolated
 from test_visionzip import reference_visionzip
 from torch import nn
-from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaForCausalLM
 
 from slimvlm import SlimMiniGeminiConfig, SlimMiniGeminiForConditionalGeneration
 from slimvlm.conversion.mini_gemini_original import convert_original_mgm, map_key
@@ -509,15 +509,7 @@ METHODS = [{"method": "none"}, {"method": "visionzip", "dominant": 54, "contextu
 def test_left_padded_batch_generates_what_each_sample_generates_alone(images, compression):
     model = slim_mgm(compression)
     processor = make_mgm_processor(False, model.config.compression)
-    batch = processor(images=images, text=PROMPTS, return_tensors="pt", padding=True)
-    with torch.no_grad():
-        together = model.generate(**batch, **SETTINGS)[:, batch["input_ids"].shape[1]:]
-        for i, (image, prompt) in enumerate(zip(images, PROMPTS)):
-            alone = processor(images=[image], text=[prompt], return_tensors="pt")
-            assert together[i].tolist() == model.generate(**alone, **SETTINGS)[0, alone["input_ids"].shape[1]:].tolist()
-        together = model.generate(**batch, **SETTINGS)[:, batch["input_ids"].shape[1]:]
-    plan = {"sparsevlm_plan": model.sparsevlm_report.steps} if compression["method"] == "sparsevlm" else {}
-    assert together.tolist() == greedy_without_cache(model, batch, 4, **plan).tolist()
+    assert_batch_generates_what_each_sample_generates_alone(model, processor, images, PROMPTS)
 
 
 # ------------------------------------------------------------------------------------------- 9. VisionZip
