@@ -45,7 +45,7 @@ def demo_settings(num_text_layers: int) -> list[tuple[str, dict]]:
     for tokens in (192, 64, 16):
         settings.append((f"visionzip {tokens}", {"method": "visionzip", "tokens": tokens}))
     for preset in (192, 64):
-        settings.append((f"sparsevlm (preset {preset} budgets)", sparsevlm_setting(num_text_layers, preset)))
+        settings.append((f"sparsevlm {preset} (preset budgets)", sparsevlm_setting(num_text_layers, preset)))
     return settings
 
 
