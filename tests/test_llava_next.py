@@ -7,7 +7,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from builders import IMAGE_TOKEN_ID, load_quantized, make_next_processor, next_images, tiny_llava_next_config
+from builders import (
+    IMAGE_TOKEN_ID,
+    load_quantized,
+    make_next_processor,
+    next_images,
+    sharpen_language_model,
+    tiny_llava_next_config,
+)
 from test_remote_code import check_auto_classes, check_remote_round_trip
 from test_visionzip import reference_visionzip
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlavaNextForConditionalGeneration
@@ -270,11 +277,7 @@ def test_v2_gravity_rule_keeps_the_official_division_where_defined_and_floors_it
 def voco_next(num_voco: int = 2, attn: str = "eager") -> SlimLlavaNextForConditionalGeneration:
     model = slim_next({"method": "voco", "num_voco_tokens": num_voco}, attn=attn)
     model.config.voco_token_id = VOCO_ID
-    with torch.no_grad():  # scaled up so that masking errors show in the logits
-        for name, param in model.model.language_model.named_parameters():
-            if "layers" in name and "weight" in name and param.dim() == 2:
-                param.mul_(4.0)
-        model.lm_head.weight.mul_(40.0)
+    sharpen_language_model(model)  # masking and position errors must show in the logits
     return model
 
 

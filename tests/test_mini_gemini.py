@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from builders import (
+    sharpen_language_model,
     IMAGE_TOKEN_ID,
     MGM_CONVNEXT,
     MGM_SIZE_AUX,
@@ -577,11 +578,7 @@ def test_sparsevlm_prunes_the_image_block_on_the_scaled_schedule(images, hd):
 def test_voco_two_stage_equals_the_full_mask_forward(images):
     model = slim_mgm({"method": "voco", "num_voco_tokens": 2}, attn="eager")
     model.config.voco_token_id = VOCO_ID
-    with torch.no_grad():  # scaled up so that masking errors show in the logits
-        for name, param in model.model.language_model.named_parameters():
-            if "layers" in name and "weight" in name and param.dim() == 2:
-                param.mul_(4.0)
-        model.lm_head.weight.mul_(40.0)
+    sharpen_language_model(model)  # masking and position errors must show in the logits
     processor = make_mgm_processor(False, model.config.compression)
     questions = ["what is the color of the circle ?", "how many are there ?"]
     inputs = processor(images=images[:2], text=[build_voco_prompt(q) for q in questions], return_tensors="pt", padding=True)

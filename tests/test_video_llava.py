@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from builders import (
+    sharpen_language_model,
     IMAGE_TOKEN_ID,
     VIDEO_PATCH,
     VIDEO_SIDE,
@@ -295,11 +296,7 @@ def test_sparsevlm_prunes_the_video_block_on_the_scaled_schedule(videos, images)
 def voco_video(num_voco: int = 2, attn: str = "eager") -> SlimVideoLlavaForConditionalGeneration:
     model = slim_video({"method": "voco", "num_voco_tokens": num_voco}, attn=attn)
     model.config.voco_token_id = VOCO_ID
-    with torch.no_grad():  # scaled up so that masking and position errors show in the logits
-        for name, param in model.model.language_model.named_parameters():
-            if "layers" in name and "weight" in name and param.dim() == 2:
-                param.mul_(4.0)
-        model.lm_head.weight.mul_(40.0)
+    sharpen_language_model(model)  # masking and position errors must show in the logits
     return model
 
 

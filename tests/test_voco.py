@@ -16,7 +16,15 @@ import torch
 from tokenizers import AddedToken
 from tokenizers.processors import TemplateProcessing
 
-from builders import SPECIAL_TOKENS, make_processor, make_tokenizer, pad_rows, random_images, tiny_llava_config
+from builders import (
+    SPECIAL_TOKENS,
+    make_processor,
+    make_tokenizer,
+    pad_rows,
+    random_images,
+    sharpen_language_model,
+    tiny_llava_config,
+)
 from slimvlm import SlimLlavaConfig, SlimLlavaForConditionalGeneration, SlimLlavaProcessor
 from slimvlm.voco import (
     IGNORE_INDEX,
@@ -70,11 +78,7 @@ def voco_model(num_voco: int = 2, seed: int = 0, attn: str = "eager", dtype=torc
     config = SlimLlavaConfig(**base.to_dict(), compression={"method": "voco", "num_voco_tokens": num_voco})
     config.voco_token_id = VOCO_ID
     model = SlimLlavaForConditionalGeneration(config)
-    with torch.no_grad():
-        for name, param in model.model.language_model.named_parameters():
-            if "layers" in name and "weight" in name and param.dim() == 2:
-                param.mul_(scale)
-        model.lm_head.weight.mul_(10 * scale)
+    sharpen_language_model(model, scale)  # masking and position errors must show in the logits
     model.set_attn_implementation({"text_config": attn, "vision_config": "eager"})
     return model.to(dtype).eval()
 
