@@ -668,9 +668,11 @@ class SlimGenerationMixin(StockInitMixin):
         ):
             layout = self.model._voco_layout(input_ids == self.config.voco_token_id, input_ids)
             model_inputs["voco_bounds"] = layout
-            if isinstance(layout, VoCoSegments) and attention_mask is not None:
-                # Shifted-segment positions are not the cumsum positions generate() would use (specs/voco.md §7).
+            if isinstance(layout, VoCoSegments):
+                # Shifted-segment positions are not the cumsum positions generate() would use (specs/voco.md §7),
+                # also for an unpadded batch, for which generate() passes no attention_mask.
+                full_mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
                 step = model_inputs.get("input_ids")
                 step_length = step.shape[1] if step is not None else model_inputs["inputs_embeds"].shape[1]
-                model_inputs["position_ids"] = layout.positions(attention_mask)[:, -step_length:]
+                model_inputs["position_ids"] = layout.positions(full_mask)[:, -step_length:]
         return model_inputs

@@ -446,3 +446,24 @@ def test_auto_classes_resolve_to_slim_video_llava(tmp_path):
     assert processor.compression == model.config.compression
     assert processor.num_additional_image_tokens == 1 and processor.vision_feature_select_strategy == "default"
 
+
+
+@pytest.mark.parametrize("rows", ["one video", "padded batch"])
+def test_voco_video_generate_prefill_uses_the_shifted_segment_positions_of_forward(videos, rows):
+    """generate() gets no attention_mask for an unpadded batch: its prefill must still use the shifted-segment
+    positions of forward() (specs/voco.md §7), not the plain 0..L-1."""
+    model = voco_video(2, attn="eager")
+    processor = voco_video_processor(2)
+    questions = ["what is the color of the circle ?", "how many are there ?"]
+    count = 1 if rows == "one video" else 2
+    inputs = video_voco_inputs(processor, videos[:count], questions[:count])
+    if rows == "one video":
+        inputs.pop("attention_mask")  # what generate() sees for an unpadded batch
+    else:
+        assert not bool(inputs["attention_mask"].all())
+    with torch.no_grad():
+        full = model(**inputs).logits[:, -1]
+        out = model.generate(**inputs, **dict(SETTINGS, max_new_tokens=1, suppress_tokens=None),
+                             output_logits=True, return_dict_in_generate=True)
+    assert float(full.abs().max()) > 1.0
+    torch.testing.assert_close(out.logits[0], full, rtol=0, atol=1e-5)
