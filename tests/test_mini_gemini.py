@@ -487,6 +487,25 @@ def test_conversion_is_strict_and_equals_the_original(tmp_path, towers, with_tow
     torch.testing.assert_close(logits[..., :vocab], expected, rtol=0, atol=1e-5)
 
 
+def test_converted_processor_reloads_left_padding_and_a_padded_batch_equals_each_sample_alone(tmp_path, towers, images):
+    from slimvlm import SlimMiniGeminiProcessor
+
+    source = write_original_folder(tmp_path / "MGM-7B", slim_mgm(seed=3))
+    output = convert_original_mgm(source, tmp_path / "slim", vision_tower=towers[1] / "clip",
+                                  vision_tower_aux=towers[1] / "openclip")
+    processor = SlimMiniGeminiProcessor.from_pretrained(output)
+    assert processor.tokenizer.padding_side == "left" and processor.tokenizer.model_max_length == 4096
+    model = SlimMiniGeminiForConditionalGeneration.from_pretrained(output).eval()
+    prompts = ["USER: <image>\n what ASSISTANT:", "USER: <image>\n how many red circle are there ? ASSISTANT:"]
+    batch = processor(images=images[:2], text=prompts, return_tensors="pt", padding=True)
+    assert batch["attention_mask"][0, 0] == 0 and bool(batch["attention_mask"][:, -1].all())  # row 0 padded on the left
+    with torch.no_grad():
+        together = model(**batch).logits[:, -1]
+        for i, prompt in enumerate(prompts):
+            alone = processor(images=images[i:i + 1], text=[prompt], return_tensors="pt")
+            torch.testing.assert_close(together[i], model(**alone).logits[0, -1], rtol=0, atol=1e-5)
+
+
 def test_conversion_fails_on_an_unknown_key(tmp_path):
     from safetensors.torch import load_file, save_file
 

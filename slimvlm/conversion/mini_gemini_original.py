@@ -257,7 +257,12 @@ def convert_original_mgm(
         vision_config = tower.config
 
     step("adding <image> and checking the weights")
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    # Left padding for batched generation (the original trained with right padding). Given to from_pretrained, so
+    # the saved tokenizer config keeps it (an attribute set afterwards is not saved, and the reload pads right).
+    saved_settings = {"padding_side": "left"}
+    if config.get("tokenizer_model_max_length") is not None:
+        saved_settings["model_max_length"] = config["tokenizer_model_max_length"]
+    tokenizer = AutoTokenizer.from_pretrained(source, **saved_settings)
     if "<image>" not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": [AddedToken("<image>", normalized=False, special=True)]})
     if tokenizer.pad_token is None:
@@ -284,8 +289,6 @@ def convert_original_mgm(
     slim_config.dtype = dtype
     check_state_dict(SlimMiniGeminiForConditionalGeneration, slim_config, state)
 
-    tokenizer.padding_side = "left"  # batched generation; the original trained with right padding
-    tokenizer.model_max_length = config.get("tokenizer_model_max_length", tokenizer.model_max_length)
     image_processor = mgm_image_processor(slim_config.image_size_aux)
     processor = SlimMiniGeminiProcessor(
         image_processor=image_processor, tokenizer=tokenizer, image_size_aux=slim_config.image_size_aux,
