@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import types
 import warnings
 from typing import Callable
 
@@ -30,6 +31,7 @@ import torch
 import transformers
 from packaging import version as _version
 from transformers.masking_utils import create_causal_mask as _create_causal_mask
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 
 # The transformers releases the test suite runs on (CI tests both ends). Keep in step with pyproject.toml.
@@ -54,6 +56,7 @@ __all__ = [
     "run_decoder_layer",
     "warn_if_untested",
     "with_cache_argument",
+    "with_stock_deprecations",
 ]
 
 
@@ -160,6 +163,39 @@ def with_cache_argument(fn: Callable) -> Callable:
     wrapper.__signature__ = signature.replace(parameters=parameters)
     del wrapper.__wrapped__  # inspect must show the adapted signature, not fn's
     return wrapper
+
+
+# ---- the stock deprecated keywords ----------------------------------------------------------------------------
+
+# The code object of the wrapper `transformers.utils.deprecation.deprecate_kwarg` puts around a function.
+_DEPRECATION_CODE = deprecate_kwarg("old", "0.0.1", new_name="new")(lambda new=None: new).__code__
+
+
+def stock_deprecations(fn: Callable) -> list[Callable]:
+    """The `deprecate_kwarg` wrappers of a stock method, outermost first (found along its `__wrapped__` chain)."""
+    found, target = [], getattr(fn, "__func__", fn)
+    while target is not None:
+        if getattr(target, "__code__", None) is _DEPRECATION_CODE:
+            found.append(target)
+        target = getattr(target, "__wrapped__", None)
+    return found
+
+
+def with_stock_deprecations(stock_fn: Callable) -> Callable:
+    """Decorate a method that replaces `stock_fn` so it takes and warns on the deprecated keywords exactly as the
+    stock method does (e.g. `past_key_values=` -> `cache=` from 5.24, Video-LLaVA's `pixel_values_images=` ->
+    `pixel_values=`): each stock `deprecate_kwarg` wrapper is re-run around `fn` (same code, same settings, same
+    message, naming the Slim class). Versions whose stock method has none leave `fn` as it is."""
+
+    def decorate(fn: Callable) -> Callable:
+        for stock in reversed(stock_deprecations(stock_fn)):  # innermost first, so the outermost ends outside
+            names = stock.__code__.co_freevars
+            cells = tuple(types.CellType(fn) if name == "func" else cell for name, cell in zip(names, stock.__closure__))
+            wrapped = types.FunctionType(stock.__code__, stock.__globals__, fn.__name__, stock.__defaults__, cells)
+            fn = functools.update_wrapper(wrapped, fn)  # __wrapped__ = fn: inspect shows fn's signature
+        return fn
+
+    return decorate
 
 
 # ---- decoder layers, masks, caches -------------------------------------------------------------------------

@@ -22,7 +22,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import logging
 
 from .modelcard_slimvlm import push_to_hub_with_card, write_card_unless_present
-from .compat import can_return_tuple, call_with_cache, generate_with_cache, generation_cache, model_output, pop_cache, with_cache_argument
+from .compat import (can_return_tuple, call_with_cache, generate_with_cache, generation_cache, model_output, pop_cache,
+                     with_cache_argument, with_stock_deprecations)
 from .sparsevlm import SparseVLMCache, sparsevlm_decode, sparsevlm_prefill
 from .visionzip import encode_with_visionzip, resolve_feature_layer, visionzip_from_hidden_states
 from .voco import (
@@ -135,7 +136,8 @@ def slim_forward(stock_class) -> callable:
     forward.__signature__ = signature
     forward.__doc__ = (f"`{stock_class.__name__}.forward` (same signature); SparseVLM and VoCo change what happens "
                        "inside the language model, and VoCo also takes `voco_cache`, `voco_bounds` and `voco_token_mask`.")
-    return can_return_tuple(forward)
+    # The stock deprecated keywords (past_key_values= from 5.24; Video-LLaVA's pixel_values_images=) as stock takes them.
+    return can_return_tuple(with_stock_deprecations(stock_class.forward)(forward))
 
 
 class SlimModelMixin(StockInitMixin):

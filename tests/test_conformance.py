@@ -125,6 +125,30 @@ def test_base_forward_accepts_either_cache_keyword_and_returns_tuples(method, ke
     torch.testing.assert_close(as_tuple[0], reference.last_hidden_state, rtol=0, atol=0)
 
 
+def deprecation_messages(module, **inputs) -> list[str]:
+    """The FutureWarnings `module(**inputs)` gives, its class name written as <class>."""
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        module(**inputs)
+    return [str(w.message).replace(type(module).__name__, "<class>") for w in caught if w.category is FutureWarning]
+
+
+@pytest.mark.parametrize("method", ["none", "sparsevlm"])
+def test_base_forward_warns_on_the_deprecated_cache_keyword_as_stock_does(method):
+    from transformers import DynamicCache
+
+    model = slim_model(method)
+    stock = LlavaModel(model.config).eval()
+    stock.load_state_dict(model.model.state_dict())
+    inputs = prompt(model, batch=1)
+    expected = deprecation_messages(stock, **inputs, past_key_values=DynamicCache(config=model.config.text_config))
+    got = deprecation_messages(model.model, **inputs, past_key_values=DynamicCache(config=model.config.text_config))
+    assert got == expected
+    if compat.cache_keyword(LlavaModel.forward) == "cache":  # transformers >= 5.24 deprecates past_key_values=
+        assert len(got) == 1 and "past_key_values" in got[0] and "<class>.forward" in got[0]
+    assert deprecation_messages(model.model, **inputs, **{compat.cache_keyword(LlavaModel.forward): None}) == []
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_full_model_return_dict_false_and_hidden_states(method):
     model = slim_model(method)
