@@ -18,7 +18,7 @@ from transformers import VideoLlavaForConditionalGeneration, VideoLlavaModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.video_llava.modeling_video_llava import VideoLlavaModelOutputWithPast
 
-from .compat import can_return_tuple
+from .compat import can_return_tuple, with_stock_deprecations
 from .configuration_slimvlm import LEGACY_VIDEO_LLAVA_RENAMES, SlimVideoLlavaConfig, image_token_count, video_token_count, vision_tokens_per_view
 from .modeling_slimvlm import SlimGenerationMixin, SlimImageFeaturesOutput, SlimModelMixin, register_legacy_weight_names, slim_forward
 from .voco import VoCoSegments, voco_segments
@@ -34,15 +34,18 @@ class SlimVideoLlavaModel(SlimModelMixin, VideoLlavaModel):
     forward = slim_forward(VideoLlavaModel)
 
     @can_return_tuple
+    @with_stock_deprecations(VideoLlavaModel.get_image_features)  # pixel_values_images= -> pixel_values=, as stock
     def get_image_features(
         self,
         pixel_values: torch.Tensor | None = None,
+        pixel_values_images: torch.Tensor | None = None,
         vision_feature_layer: int | list[int] | None = None,
         vision_feature_select_strategy: str | None = None,
         **kwargs,
     ) -> SlimImageFeaturesOutput | BaseModelOutputWithPooling | tuple:
         """Projected image features [images, K, D] (`pooler_output`) from the image tower, compressed per image
-        under VisionZip (K = dominant + contextual, CLS kept); otherwise the stock features."""
+        under VisionZip (K = dominant + contextual, CLS kept); otherwise the stock features. `pixel_values_images`
+        is the stock deprecated name of `pixel_values` (named here, as in stock, so `generate()` pre-encodes it)."""
         if self.config.compression["method"] != "visionzip":
             return super().get_image_features(pixel_values=pixel_values, vision_feature_layer=vision_feature_layer,
                                               vision_feature_select_strategy=vision_feature_select_strategy,

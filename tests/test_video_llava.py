@@ -6,6 +6,8 @@ torchvision-free frame preprocessing equals CLIP's, SparseVLM over the video blo
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
 import torch
@@ -467,3 +469,53 @@ def test_voco_video_generate_prefill_uses_the_shifted_segment_positions_of_forwa
                              output_logits=True, return_dict_in_generate=True)
     assert float(full.abs().max()) > 1.0
     torch.testing.assert_close(out.logits[0], full, rtol=0, atol=1e-5)
+
+
+def future_warnings(call, model) -> tuple[object, list[str]]:
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        result = call()
+    names = (type(model).__name__, type(model.model).__name__)
+    messages = []
+    for w in caught:
+        if w.category is FutureWarning:
+            message = str(w.message).split("=tensor(")[0]
+            for name in names:
+                message = message.replace(name, "<class>")
+            messages.append(message)
+    return result, messages
+
+
+@pytest.mark.parametrize("compression", [{"method": "none"}, {"method": "visionzip", "dominant": 5, "contextual": 2}])
+def test_stock_pixel_values_images_is_taken_as_stock_takes_it(images, compression):
+    """The stock VideoLlavaImageProcessor returns `pixel_values_images`: generate(), forward() and
+    get_image_features() take it as `pixel_values`, warning (or not) as stock does."""
+    model = slim_video(compression)
+    stock = VideoLlavaForConditionalGeneration(model.config).eval()
+    stock.load_state_dict(model.state_dict())
+    inputs = slim_processor(model.config.compression)(text=[IMAGE_PROMPT], images=images[:1], return_tensors="pt")
+    pixels = inputs.pop("pixel_values")
+    assert "pixel_values_images" in inspect.signature(model.model.get_image_features).parameters  # generate() reads it
+    reference = {"logits": model(**inputs, pixel_values=pixels).logits,
+                 "base": model.model(**inputs, pixel_values=pixels).last_hidden_state,
+                 "features": model.model.get_image_features(pixel_values=pixels).pooler_output,
+                 "tokens": model.generate(**inputs, pixel_values=pixels, **SETTINGS)}
+    calls = {"logits": lambda m: m(**inputs, pixel_values_images=pixels).logits,
+             "base": lambda m: m.model(**inputs, pixel_values_images=pixels).last_hidden_state,
+             "features": lambda m: m.model.get_image_features(pixel_values_images=pixels).pooler_output,
+             "tokens": lambda m: m.generate(**inputs, pixel_values_images=pixels, **SETTINGS),
+             "both": lambda m: m.model.get_image_features(pixel_values=pixels, pixel_values_images=pixels).pooler_output}
+    for name, call in calls.items():
+        got, warned = future_warnings(lambda: call(model), model)
+        if compression["method"] == "none":
+            expected, stock_warned = future_warnings(lambda: call(stock), stock)
+            assert warned == stock_warned, name
+            if name in reference:
+                torch.testing.assert_close(list(got) if name == "features" else got, list(expected) if name == "features" else expected,
+                                           rtol=0, atol=1e-6)
+        if name in reference:
+            torch.testing.assert_close(got, reference[name], rtol=0, atol=0)
+        else:
+            assert [m for m in warned if "Both `pixel_values_images` and `pixel_values`" in m], warned
