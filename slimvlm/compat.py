@@ -117,13 +117,17 @@ def cache_keyword(fn: Callable) -> str:
     return _cache_keyword_of(getattr(fn, "__func__", fn))
 
 
-def call_with_cache(fn: Callable, *args, cache=None, keyword_of: Callable | None = None, **kwargs):
-    """Call `fn(*args, **kwargs)` with `cache` passed under the keyword `fn` (or `keyword_of`) declares."""
+def call_with_cache(fn: Callable, *args, cache=None, keyword_of: Callable | None = None, keyword: str | None = None,
+                    **kwargs):
+    """Call `fn(*args, **kwargs)` with `cache` passed under the keyword `fn` (or `keyword_of`) declares.
+
+    `keyword`: the keyword, resolved beforehand with `cache_keyword` (inside a torch.compile'd forward, where
+    reading a signature breaks the graph)."""
     for name in CACHE_KEYWORDS:
         if kwargs.get(name) is not None:
             raise TypeError(f"pass the KV cache as cache=, not {name}= (call_with_cache)")
         kwargs.pop(name, None)
-    return fn(*args, **{cache_keyword(keyword_of or fn): cache}, **kwargs)
+    return fn(*args, **{keyword or cache_keyword(keyword_of or fn): cache}, **kwargs)
 
 
 def pop_cache(kwargs: dict, value=None):
@@ -233,10 +237,23 @@ def run_decoder_layer(layer, hidden_states: torch.Tensor, *, cache, attention_ma
     return out[0] if isinstance(out, tuple) else out
 
 
+def _keyword_or_error(fn: Callable) -> str | TransformersCompatError:
+    try:
+        return cache_keyword(fn)
+    except TransformersCompatError as error:  # raised when used, not on import
+        return error
+
+
+# Read once on import: a mask built inside a torch.compile'd decoding step must not read a signature.
+_CAUSAL_MASK_KEYWORD = _keyword_or_error(_create_causal_mask)
+
+
 def causal_mask(config, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, cache, **kwargs):
     """`transformers.masking_utils.create_causal_mask` with the cache under the keyword it declares."""
+    if isinstance(_CAUSAL_MASK_KEYWORD, TransformersCompatError):
+        raise _CAUSAL_MASK_KEYWORD
     return call_with_cache(_create_causal_mask, config=config, inputs_embeds=inputs_embeds,
-                           attention_mask=attention_mask, cache=cache, **kwargs)
+                           attention_mask=attention_mask, cache=cache, keyword=_CAUSAL_MASK_KEYWORD, **kwargs)
 
 
 def layer_keys(cache, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,7 +26,7 @@ from torch import nn
 from transformers import AutoModel, LlavaForConditionalGeneration, LlavaModel
 from transformers.models.llava.modeling_llava import LlavaModelOutputWithPast, LlavaMultiModalProjector, LlavaPreTrainedModel
 
-from .compat import call_with_cache, can_return_tuple, with_cache_argument
+from .compat import cache_keyword, call_with_cache, can_return_tuple, with_cache_argument
 from .configuration_slimvlm import SlimMiniGeminiConfig, mini_gemini_token_count, vision_tokens_per_view
 from .modeling_slimvlm import SlimGenerationMixin, SlimImageFeaturesOutput, SlimModelMixin
 
@@ -243,7 +243,8 @@ class SlimMiniGeminiModel(SlimModelMixin, LlavaModel):
         """Turn `pixel_values` + `pixel_values_aux` into `mm_encoder_outputs["image"]` (what `generate()` does before
         prefill), so every method path below sees the stock LLaVA inputs."""
         input_ids = inputs.get("input_ids")
-        if input_ids is not None and bool((input_ids == ORIGINAL_IMAGE_TOKEN_INDEX).any()):
+        # (not inside torch.compile: a data-dependent branch; decoding steps carry only new tokens)
+        if input_ids is not None and not torch.compiler.is_compiling() and bool((input_ids == ORIGINAL_IMAGE_TOKEN_INDEX).any()):
             raise ValueError(
                 f"input_ids contain {ORIGINAL_IMAGE_TOKEN_INDEX}, the original Mini-Gemini code's <image> index; this model "
                 f"uses the real token id {self.config.image_token_id}: build inputs with SlimMiniGeminiProcessor"
@@ -271,6 +272,10 @@ class SlimMiniGeminiModel(SlimModelMixin, LlavaModel):
     def _stock_forward(self, cache=None, **inputs):
         """The plain LLaVA forward on pre-encoded Mini-Gemini image features."""
         return super()._stock_forward(cache=cache, **self._encode_images_first(inputs))
+
+
+# Read once, not inside a torch.compile'd forward (reading a signature there breaks the graph).
+_STOCK_CACHE_KEYWORD = cache_keyword(LlavaForConditionalGeneration.forward)
 
 
 class SlimMiniGeminiForConditionalGeneration(SlimGenerationMixin, LlavaForConditionalGeneration):
@@ -302,7 +307,7 @@ class SlimMiniGeminiForConditionalGeneration(SlimGenerationMixin, LlavaForCondit
     ):
         """`LlavaForConditionalGeneration.forward` plus `pixel_values_aux` [B, 3, S_aux, S_aux]."""
         return call_with_cache(
-            super().forward, cache=cache, input_ids=input_ids, pixel_values=pixel_values, pixel_values_aux=pixel_values_aux,
+            super().forward, cache=cache, keyword=_STOCK_CACHE_KEYWORD, input_ids=input_ids, pixel_values=pixel_values, pixel_values_aux=pixel_values_aux,
             attention_mask=attention_mask, position_ids=position_ids, inputs_embeds=inputs_embeds, labels=labels,
             logits_to_keep=logits_to_keep, mm_encoder_outputs=mm_encoder_outputs, **kwargs,
         )

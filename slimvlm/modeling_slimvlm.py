@@ -22,7 +22,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import logging
 
 from .modelcard_slimvlm import push_to_hub_with_card, write_card_unless_present
-from .compat import (can_return_tuple, call_with_cache, generate_with_cache, generation_cache, model_output, pop_cache,
+from .compat import (cache_keyword, can_return_tuple, call_with_cache, generate_with_cache, generation_cache, model_output, pop_cache,
                      with_cache_argument, with_stock_deprecations)
 from .sparsevlm import SparseVLMCache, sparsevlm_decode, sparsevlm_prefill
 from .visionzip import encode_with_visionzip, resolve_feature_layer, visionzip_from_hidden_states
@@ -124,14 +124,26 @@ def slim_forward(stock_class) -> callable:
     keyword (`cache` from transformers 5.24, `past_key_values` before); `return_dict=False` gives a tuple.
     """
     signature = inspect.signature(stock_class.forward)
-    var_keyword = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
+    parameters = list(signature.parameters.values())[1:]  # without self
+    # Bound here once: `Signature.bind` inside the forward breaks torch.compile's graph (fullgraph=True fails).
+    positional = tuple(p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+    named = frozenset(p.name for p in parameters if p.kind is not p.VAR_POSITIONAL)
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in parameters)
 
     def forward(self, *args, **kwargs):
-        inputs = signature.bind(self, *args, **kwargs).arguments
-        inputs.pop("self")
-        inputs.update(inputs.pop(var_keyword, None) or {})
-        cache = pop_cache(inputs)
-        return self._slim_forward(cache=cache, **inputs)
+        if len(args) > len(positional):
+            raise TypeError(f"{stock_class.__name__}.forward takes {len(positional)} positional arguments after self, "
+                            f"got {len(args)}")
+        for name, value in zip(positional, args):
+            if name in kwargs:
+                raise TypeError(f"{stock_class.__name__}.forward got multiple values for argument '{name}'")
+            kwargs[name] = value
+        if not takes_any:
+            unknown = sorted(set(kwargs) - named)
+            if unknown:
+                raise TypeError(f"{stock_class.__name__}.forward got unexpected keyword arguments {unknown}")
+        cache = pop_cache(kwargs)
+        return self._slim_forward(cache=cache, **kwargs)
 
     forward.__signature__ = signature
     forward.__doc__ = (f"`{stock_class.__name__}.forward` (same signature); SparseVLM and VoCo change what happens "
@@ -219,9 +231,16 @@ class SlimModelMixin(StockInitMixin):
             return self._forward_voco(cache=cache, **inputs)
         return self._stock_forward(cache=cache, **inputs)
 
+    # The keyword the stock family forward takes the cache under (read once per class, not in a compiled forward).
+    _stock_cache_keyword = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls._stock_cache_keyword = cache_keyword(super(SlimModelMixin, cls).forward)
+
     def _stock_forward(self, cache=None, **kwargs):
         """The stock family forward (e.g. `LlavaModel.forward`), the cache under the keyword it declares."""
-        return call_with_cache(super(SlimModelMixin, self).forward, cache=cache, **kwargs)
+        return call_with_cache(super(SlimModelMixin, self).forward, cache=cache, keyword=self._stock_cache_keyword, **kwargs)
 
     # ---- SparseVLM (specs/sparsevlm.md; the math and the decoder loop live in sparsevlm.py) ----
 
@@ -389,11 +408,19 @@ class SlimModelMixin(StockInitMixin):
         - otherwise: the full sequence under the VoCo mask (training, or full-mask inference). The VoCo
           positions come from `voco_bounds` (set by `generate()` from the full rows), else from
           `input_ids` (or `voco_token_mask` [B, L] when only `inputs_embeds` is given).
-        attention_mask: 2-D [B, past + L] padding mask; positions are per sample (cumsum - 1).
+        attention_mask: 2-D [B, past + L] padding mask; positions are per sample (cumsum - 1). A 4-D mask is
+            used as given, with the `position_ids` that must come with it: it must already apply the VoCo rule
+            (`generate()` builds it so for a static cache, `prepare_inputs_for_generation`).
         """
         if voco_cache is not None:
             return self._forward_voco_cached(voco_cache, input_ids, pixel_values, attention_mask, position_ids,
                                              cache, inputs_embeds, **kwargs)
+        if attention_mask is not None and attention_mask.dim() == 4:
+            if position_ids is None:
+                raise ValueError("VoCo with a 4-D attention_mask needs position_ids (the mask says nothing about padding "
+                                 "positions); or pass the 2-D padding mask and let the VoCo mask be built")
+            return self._stock_forward(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                                       position_ids=position_ids, cache=cache, inputs_embeds=inputs_embeds, **kwargs)
         reference = input_ids if input_ids is not None else inputs_embeds
         batch, length = reference.shape[:2]
         past_length = cache.get_seq_length() if cache is not None else 0
@@ -670,11 +697,21 @@ class SlimGenerationMixin(StockInitMixin):
         ):
             layout = self.model._voco_layout(input_ids == self.config.voco_token_id, input_ids)
             model_inputs["voco_bounds"] = layout
+            full_mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+            step = model_inputs.get("input_ids")
+            step_length = step.shape[1] if step is not None else model_inputs["inputs_embeds"].shape[1]
             if isinstance(layout, VoCoSegments):
                 # Shifted-segment positions are not the cumsum positions generate() would use (specs/voco.md §7),
                 # also for an unpadded batch, for which generate() passes no attention_mask.
-                full_mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-                step = model_inputs.get("input_ids")
-                step_length = step.shape[1] if step is not None else model_inputs["inputs_embeds"].shape[1]
                 model_inputs["position_ids"] = layout.positions(full_mask)[:, -step_length:]
+            step_mask = model_inputs.get("attention_mask")
+            if isinstance(step_mask, torch.Tensor) and step_mask.dim() == 4:
+                # A compileable (static) cache: generate() built the plain causal 4-D mask here, outside the compiled
+                # forward. Build the VoCo mask instead, here as well (the forward uses a 4-D mask as given).
+                if model_inputs.get("position_ids") is None:
+                    model_inputs["position_ids"] = layout.positions(full_mask)[:, -step_length:]
+                shape_only = torch.empty((full_mask.shape[0], step_length, 0), dtype=self.dtype, device=full_mask.device)
+                model_inputs["attention_mask"] = build_voco_attention_mask(
+                    self.model.language_model.config, shape_only, full_mask, layout, generation_cache(model_inputs),
+                    model_inputs["position_ids"])
         return model_inputs

@@ -125,9 +125,16 @@ def voco_reference_mask(voco_token_mask: torch.Tensor, attention_mask: torch.Ten
     return allowed | ~real[:, :, None]
 
 
-def check_mask_backend(attn_implementation: str | None, needs_voco_mask: bool = True) -> None:
-    """Raise when the VoCo mask would be silently ignored (FlashAttention only reads the padding mask)."""
-    if needs_voco_mask and attn_implementation not in MASK_BACKENDS:
+def check_mask_backend(attn_implementation: str | None, needs_voco_mask: bool | torch.Tensor = True) -> None:
+    """Raise when the VoCo mask would be silently ignored (FlashAttention only reads the padding mask).
+
+    needs_voco_mask: a bool, or a [B] bool tensor (rows with VoCo), read only when the backend ignores custom
+    masks (reading it is a data-dependent branch that torch.compile cannot trace)."""
+    if attn_implementation in MASK_BACKENDS:
+        return
+    if isinstance(needs_voco_mask, torch.Tensor):
+        needs_voco_mask = bool(needs_voco_mask.any())
+    if needs_voco_mask:
         raise ValueError(
             f"VoCo full-mask mode needs an attention backend that applies custom masks; "
             f"attn_implementation={attn_implementation!r}, allowed: {list(MASK_BACKENDS)}. "
@@ -181,7 +188,7 @@ def build_voco_attention_mask(
         as packed sequences).
     Returns a [B, 1, q, past + q] bool (sdpa) / additive (eager) tensor, or a flex BlockMask.
     """
-    check_mask_backend(getattr(text_config, "_attn_implementation", None), bool(bounds.has_voco.any()))
+    check_mask_backend(getattr(text_config, "_attn_implementation", None), bounds.has_voco)
     bounds = bounds.to(inputs_embeds.device)
     mask = causal_mask(text_config, inputs_embeds, attention_mask, cache, position_ids=position_ids,
                        and_mask_function=bounds.mask_function())
@@ -294,11 +301,14 @@ def voco_segment_mask_function(segments: VoCoSegments) -> Callable:
     - a token of segment t sees the prefix and segment t;
     - a token after the last VoCo sees every VoCo token and the tokens after the last VoCo.
     Index-only tensor ops (mask creation runs it under `vmap`); indices are absolute, so the segments must
-    be computed on the full rows (they are, at every decode step).
+    be computed on the full rows (they are, at every decode step). A static cache asks about key slots past the
+    rows (its whole length): they are read as the last token, and causality masks them anyway.
     """
     segment, is_voco = segments.segment, segments.is_voco
+    last = segment.shape[1] - 1
 
     def segment_rule(batch_idx, head_idx, q_idx, kv_idx):
+        kv_idx = kv_idx.clamp(max=last)
         query, key = segment[batch_idx, q_idx], segment[batch_idx, kv_idx]
         in_segment = (query >= 0) & (query != TEXT_SEGMENT)
         text = query == TEXT_SEGMENT
