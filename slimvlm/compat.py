@@ -8,7 +8,8 @@ the tested range) when an assumption stops holding. Never a silent no-op, never 
 What we rely on, and how each is guarded:
 - the keyword a decoder layer / `LlavaModel.forward` / `create_causal_mask` / `generate` /
   `prepare_inputs_for_generation` takes the KV cache under: `past_key_values` (<= 5.23) or `cache`
-  (>= 5.24). Read from each callee's signature (`cache_keyword`); neither name present raises.
+  (>= 5.24). Read from each callee's signature (`cache_keyword`): `cache` is preferred when a signature shows
+  both (5.25 exposes the deprecated name too), neither name present raises (`CACHE_KEYWORDS`).
 - a decoder-layer call writes its keys into the cache: `run_decoder_layer` checks the cache grew by the
   query length and raises otherwise (the 5.24 rename made a mis-named keyword a silent no-op).
 - the model output dataclasses name the cache `past_key_values` or `cache`, and the image features
@@ -39,12 +40,18 @@ TESTED_TRANSFORMERS_MIN = "5.23.0"
 TESTED_TRANSFORMERS_BELOW = "5.25"
 TESTED_RANGE = f">={TESTED_TRANSFORMERS_MIN},<{TESTED_TRANSFORMERS_BELOW}"
 
+# The two names of the KV-cache keyword, in order of preference. A signature may show both: from 5.25,
+# `deprecate_kwarg(..., expose_in_signature=True)` adds the deprecated `past_key_values` next to `cache` (the mask
+# helpers do so). The rule (`choose_cache_keyword`): `cache` whenever a signature has it, alone or next to
+# `past_key_values`; else `past_key_values` (<= 5.23); neither raises. Output fields and
+# `prepare_inputs_for_generation` results are read in the same order.
 CACHE_KEYWORDS = ("cache", "past_key_values")
 
 __all__ = [
     "TESTED_RANGE",
     "TransformersCompatError",
     "cache_keyword",
+    "choose_cache_keyword",
     "call_with_cache",
     "can_return_tuple",
     "causal_mask",
@@ -101,15 +108,20 @@ def _parameters(fn: Callable) -> dict:
     return dict(inspect.signature(fn).parameters)  # follows __wrapped__ through transformers' decorators
 
 
+def choose_cache_keyword(parameter_names, what: str = "the callee") -> str:
+    """The cache keyword among a signature's parameter names, by the documented preference (`CACHE_KEYWORDS`):
+    'cache' if present (also next to the deprecated 'past_key_values' a 5.25 signature exposes), else
+    'past_key_values'; neither raises `TransformersCompatError`."""
+    names = set(parameter_names)
+    for name in CACHE_KEYWORDS:
+        if name in names:
+            return name
+    raise TransformersCompatError(f"{what} takes its KV cache under neither of {list(CACHE_KEYWORDS)}")
+
+
 @functools.lru_cache(maxsize=None)
 def _cache_keyword_of(fn: Callable) -> str:
-    parameters = _parameters(fn)
-    for name in CACHE_KEYWORDS:
-        if name in parameters:
-            return name
-    raise TransformersCompatError(
-        f"{getattr(fn, '__qualname__', fn)} takes its KV cache under neither of {list(CACHE_KEYWORDS)}"
-    )
+    return choose_cache_keyword(_parameters(fn), str(getattr(fn, "__qualname__", fn)))
 
 
 def cache_keyword(fn: Callable) -> str:

@@ -273,3 +273,35 @@ def test_untested_transformers_warns_once_and_names_the_range():
         assert compat.warn_if_untested(compat.TESTED_TRANSFORMERS_MIN) is False
     assert len(caught) == 1 and compat.TESTED_RANGE in str(caught[0].message)
     assert compat.is_tested_version()  # the suite runs on a tested release
+
+
+def test_cache_keyword_prefers_cache_when_a_signature_shows_both():
+    """The documented rule (compat.CACHE_KEYWORDS): 'cache' whenever present, else 'past_key_values', else raise."""
+    from transformers.masking_utils import create_causal_mask
+    from transformers.utils.deprecation import deprecate_kwarg
+
+    def both(x, past_key_values=None, cache=None):  # the deprecated name first: the order of parameters is not the rule
+        return x
+
+    def new(x, cache=None):
+        return x
+
+    def old(x, past_key_values=None):
+        return x
+
+    def neither(x, kv=None):
+        return x
+
+    assert compat.CACHE_KEYWORDS == ("cache", "past_key_values")
+    assert compat.choose_cache_keyword(["past_key_values", "cache"]) == "cache"
+    assert compat.cache_keyword(both) == "cache"
+    assert compat.cache_keyword(new) == "cache"
+    assert compat.cache_keyword(old) == "past_key_values"
+    with pytest.raises(compat.TransformersCompatError, match="neither of \\['cache', 'past_key_values'\\]"):
+        compat.cache_keyword(neither)
+    if "expose_in_signature" in inspect.signature(deprecate_kwarg).parameters:  # transformers >= 5.25
+        exposed = deprecate_kwarg("past_key_values", "99.0.0", new_name="cache", expose_in_signature=True)(new)
+        assert {"cache", "past_key_values"} <= set(inspect.signature(exposed).parameters)
+        assert compat.cache_keyword(exposed) == "cache"
+    names = set(inspect.signature(create_causal_mask).parameters)
+    assert compat.cache_keyword(create_causal_mask) == ("cache" if "cache" in names else "past_key_values")
