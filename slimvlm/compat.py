@@ -37,7 +37,7 @@ from transformers.utils.generic import can_return_tuple
 
 # The transformers releases the test suite runs on (CI tests both ends). Keep in step with pyproject.toml.
 TESTED_TRANSFORMERS_MIN = "5.23.0"
-TESTED_TRANSFORMERS_BELOW = "5.25"
+TESTED_TRANSFORMERS_BELOW = "5.26"
 TESTED_RANGE = f">={TESTED_TRANSFORMERS_MIN},<{TESTED_TRANSFORMERS_BELOW}"
 
 # The two names of the KV-cache keyword, in order of preference. A signature may show both: from 5.25,

@@ -305,3 +305,19 @@ def test_cache_keyword_prefers_cache_when_a_signature_shows_both():
         assert compat.cache_keyword(exposed) == "cache"
     names = set(inspect.signature(create_causal_mask).parameters)
     assert compat.cache_keyword(create_causal_mask) == ("cache" if "cache" in names else "past_key_values")
+
+
+def test_the_tested_range_is_the_same_in_pyproject_compat_and_the_readme():
+    import re
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    dependencies = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    pinned = next(d for d in dependencies if d.startswith("transformers"))
+    low, high = re.fullmatch(r"transformers>=([\d.]+),<([\d.]+)", pinned).groups()
+    assert compat.TESTED_TRANSFORMERS_MIN.startswith(low) and compat.TESTED_TRANSFORMERS_BELOW == high
+    readme = (root / "README.md").read_text()
+    assert f"Tested: **transformers >= {low}, < {high}**" in readme
+    assert f'pip install "transformers>={low},<{high}"' in readme
+    assert compat.is_tested_version()  # the suite runs on a tested release
