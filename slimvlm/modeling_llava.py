@@ -18,6 +18,7 @@ from .modeling_slimvlm import (
     DEFAULT_QUANTIZATION_SKIP_MODULES,
     SlimGenerationMixin,
     SlimImageFeaturesOutput,
+    VISION_SIDE_METHODS,
     SlimModelMixin,
     register_legacy_weight_names,
     slim_forward,
@@ -48,8 +49,7 @@ class SlimLlavaModel(SlimModelMixin, LlavaModel):
         return the vision tower's (under VisionZip the whole tower then runs; otherwise it stops at the
         feature layer, whose output is all VisionZip needs).
         """
-        compression = self.config.compression
-        if compression["method"] != "visionzip":
+        if self.config.compression["method"] not in VISION_SIDE_METHODS:
             return super().get_image_features(
                 pixel_values=pixel_values,
                 vision_feature_layer=vision_feature_layer,
@@ -59,9 +59,8 @@ class SlimLlavaModel(SlimModelMixin, LlavaModel):
                 **kwargs,
             )
         # CLS is always kept under VisionZip, so vision_feature_select_strategy does not apply.
-        selection, tower = self._visionzip_views(pixel_values, vision_feature_layer, **kwargs)
-        features = self.multi_modal_projector(selection.tokens)
-        return self._visionzip_output(selection, tower, list(features))
+        views = self._compress_views(pixel_values, vision_feature_layer, **kwargs)
+        return self._vision_output(views, list(views.projected))
 
 
 class SlimLlavaForConditionalGeneration(SlimGenerationMixin, LlavaForConditionalGeneration):

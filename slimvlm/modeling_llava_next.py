@@ -24,7 +24,7 @@ from transformers.models.llava_next.modeling_llava_next import (
 
 from .compat import can_return_tuple
 from .configuration_slimvlm import LEGACY_LLAVA_NEXT_RENAMES, SlimLlavaNextConfig, anyres_visionzip_token_count
-from .modeling_slimvlm import SlimGenerationMixin, SlimImageFeaturesOutput, SlimModelMixin, register_legacy_weight_names, slim_forward
+from .modeling_slimvlm import VISION_SIDE_METHODS, SlimGenerationMixin, SlimImageFeaturesOutput, SlimModelMixin, register_legacy_weight_names, slim_forward
 
 
 def anyres_visionzip_layout(views: torch.Tensor, dominant_indices: torch.Tensor, grid: tuple[int, int], side: int,
@@ -81,7 +81,7 @@ class SlimLlavaNextModel(SlimModelMixin, LlavaNextModel):
     ) -> SlimImageFeaturesOutput | BaseModelOutputWithPooling | tuple:
         """Projected image features (`pooler_output`: one [N_i, D] tensor per image), compressed when
         `config.compression` says so. Padding views of a batched 5-D `pixel_values` are never encoded."""
-        if self.config.compression["method"] != "visionzip":
+        if self.config.compression["method"] not in VISION_SIDE_METHODS:
             return super().get_image_features(pixel_values, image_sizes, vision_feature_layer=vision_feature_layer,
                                               vision_feature_select_strategy=vision_feature_select_strategy,
                                               return_dict=True, **kwargs)
@@ -92,16 +92,15 @@ class SlimLlavaNextModel(SlimModelMixin, LlavaNextModel):
         elif pixel_values.dim() != 4:
             raise ValueError(f"pixel_values must be [images, views, 3, H, W] or [views, 3, H, W], got {tuple(pixel_values.shape)}")
         # CLS is always kept under VisionZip, so vision_feature_select_strategy does not apply.
-        selection, tower = self._visionzip_views(pixel_values, vision_feature_layer, **kwargs)
-        projected = self.multi_modal_projector(selection.tokens)  # [views, K, D]
+        views = self._compress_views(pixel_values, vision_feature_layer, **kwargs)
         side = self.config.vision_config.image_size // self.config.vision_config.patch_size
         dominant = self.config.compression["dominant"]
         features = [
-            anyres_visionzip_layout(views, indices, self.anyres_grid(size), side, dominant)
-            for views, indices, size in zip(projected.split(views_per_image), selection.dominant_indices.split(views_per_image),
-                                            image_sizes)
+            anyres_visionzip_layout(image_views, indices, self.anyres_grid(size), side, dominant)
+            for image_views, indices, size in zip(views.projected.split(views_per_image),
+                                                  views.dominant_indices.split(views_per_image), image_sizes)
         ]
-        return self._visionzip_output(selection, tower, features)
+        return self._vision_output(views, features)
 
 
 class SlimLlavaNextForConditionalGeneration(SlimGenerationMixin, LlavaNextForConditionalGeneration):

@@ -28,7 +28,7 @@ from transformers.models.llava.modeling_llava import LlavaModelOutputWithPast, L
 
 from .compat import call_with_cache, can_return_tuple, with_cache_argument
 from .configuration_slimvlm import SlimMiniGeminiConfig, mini_gemini_token_count, vision_tokens_per_view
-from .modeling_slimvlm import SlimGenerationMixin, SlimImageFeaturesOutput, SlimModelMixin
+from .modeling_slimvlm import VISION_SIDE_METHODS, SlimGenerationMixin, SlimImageFeaturesOutput, SlimModelMixin
 
 # The original code's placeholder id for <image> in input_ids (not a vocabulary id).
 ORIGINAL_IMAGE_TOKEN_INDEX = -200
@@ -192,13 +192,12 @@ class SlimMiniGeminiModel(SlimModelMixin, LlavaModel):
         clip_input = self.clip_views(pixel_values)
         high_resolution = self.high_resolution_map(pixel_values_aux)
 
-        if self.config.compression["method"] == "visionzip":
+        if self.config.compression["method"] in VISION_SIDE_METHODS:
             def mine_patches(hidden: torch.Tensor) -> torch.Tensor:  # CLS has no cell: it stays as CLIP gave it
                 return torch.cat([hidden[:, :1], self.mine(hidden[:, 1:], high_resolution)], dim=1)
 
-            selection, tower = self._visionzip_views(clip_input, vision_feature_layer, transform=mine_patches, **kwargs)
-            features = self.multi_modal_projector(self.image_layout(selection.tokens, images))
-            return self._visionzip_output(selection, tower, list(features))
+            views = self._compress_views(clip_input, vision_feature_layer, transform=mine_patches, **kwargs)
+            return self._vision_output(views, list(self.image_layout(views.projected, images)))
 
         layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
         if not isinstance(layer, int):

@@ -101,6 +101,27 @@ class SlimImageFeaturesOutput(BaseModelOutputWithPooling):
     dominant_indices: torch.Tensor | None = None
 
 
+# Methods that act at the vision-side plug point: after the tower, before the language model; the processor
+# writes their token count. Families route `get_image_features` through `SlimModelMixin._compress_views` for these.
+VISION_SIDE_METHODS = ("visionzip",)
+
+
+@dataclass
+class VisionViews:
+    """What a vision-side method made of a batch of V independent views (each view in its own token order).
+
+    projected: [V, K, D] the kept (or merged) tokens after the projector.
+    tokens: [V, K, C] the same tokens before the projector.
+    tower: the tower's full outputs when the caller asked for hidden states or attentions, else None.
+    dominant_indices: [V, d] VisionZip's kept token indices (official order: CLS, then by score), else None.
+    """
+
+    projected: torch.Tensor
+    tokens: torch.Tensor
+    tower: object = None
+    dominant_indices: torch.Tensor | None = None
+
+
 class StockInitMixin:
     """Slim classes initialise and load like the stock classes they extend.
 
@@ -166,46 +187,55 @@ class SlimModelMixin(StockInitMixin):
     # The family's `*ModelOutputWithPast` class (set by each family).
     output_class = None
 
-    def _visionzip_views(self, pixel_values: torch.Tensor, vision_feature_layer, vision_tower=None,
-                         split: tuple[int, int] | None = None, transform=None, **kwargs):
-        """VisionZip on a batch of independent views [V, 3, H, W] of a vision tower.
+    # ---- vision side: VisionZip, CDPruner, DivPrune (one plug point, after the tower, before the LLM) ----
+
+    def _compress_views(self, pixel_values: torch.Tensor, vision_feature_layer, vision_tower=None,
+                        split: tuple[int, int] | None = None, transform=None, **kwargs) -> VisionViews:
+        """The vision-side method of `config.compression` on a batch of independent views [V, 3, H, W].
+
+        The method module only selects (or merges) tokens of a view; this does the rest once for every family:
+        running the tower, the projector, the gather and the tower outputs the caller asked for.
 
         vision_tower: the tower to run (default `self.vision_tower`; Video-LLaVA passes its image or video tower).
-        split: (dominant, contextual) (default the image split of `config.compression`).
-        transform: optional [V, N, C] -> [V, N, C] on the scoring layer's output before selection (Mini-Gemini's
-            patch mining); see `visionzip.encode_with_visionzip`.
-        Returns (selection, tower_outputs): `tower_outputs` is the whole tower's output when the caller asked
-        for `output_hidden_states` / `output_attentions` (the tower then runs to the end, as in the stock
-        classes), else None (the tower stops at the scoring layer, whose output is all VisionZip needs).
+        split: VisionZip's (dominant, contextual) (default the image split of `config.compression`).
+        transform: optional [V, N, C] -> [V, N, C] on the feature layer's output before selection (Mini-Gemini's
+            patch mining); the scores stay the CLIP layer's.
+        Returns the views in each view's own token order (`VisionViews`); the family lays them out per image.
         """
         compression = self.config.compression
         vision_tower = self.vision_tower if vision_tower is None else vision_tower
         layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
-        feature_layer = resolve_feature_layer(layer, len(vision_tower.encoder.layers))
-        dominant, contextual = split or (compression["dominant"], compression["contextual"])
         output_hidden_states = kwargs.get("output_hidden_states", self.config.output_hidden_states)
         output_attentions = kwargs.get("output_attentions", self.config.output_attentions)
+        feature_layer = resolve_feature_layer(layer, len(vision_tower.encoder.layers))
+        dominant, contextual = split or (compression["dominant"], compression["contextual"])
+        tower = None
         if not (output_hidden_states or output_attentions):
-            return encode_with_visionzip(vision_tower, pixel_values, feature_layer, dominant, contextual,
-                                         transform), None
-        tower = vision_tower(pixel_values, output_hidden_states=True, output_attentions=bool(output_attentions),
-                             return_dict=True)
-        selection = visionzip_from_hidden_states(vision_tower, tower.hidden_states, feature_layer, dominant, contextual,
-                                                 transform)
-        tower.hidden_states = tower.hidden_states if output_hidden_states else None
-        tower.attentions = tower.attentions if output_attentions else None
-        return selection, tower
+            # The tower stops at the scoring layer, whose output is all VisionZip needs.
+            selection = encode_with_visionzip(vision_tower, pixel_values, feature_layer, dominant, contextual, transform)
+        else:
+            # As in the stock classes, the tower then runs to the end.
+            tower = vision_tower(pixel_values, output_hidden_states=True, output_attentions=bool(output_attentions),
+                                 return_dict=True)
+            selection = visionzip_from_hidden_states(vision_tower, tower.hidden_states, feature_layer, dominant,
+                                                     contextual, transform)
+            tower.hidden_states = tower.hidden_states if output_hidden_states else None
+            tower.attentions = tower.attentions if output_attentions else None
+        return VisionViews(projected=self.multi_modal_projector(selection.tokens), tokens=selection.tokens,
+                           tower=tower, dominant_indices=selection.dominant_indices)
 
     @staticmethod
-    def _visionzip_output(selection, tower, features: list[torch.Tensor]) -> SlimImageFeaturesOutput:
-        """`get_image_features`' output under VisionZip: `features` (one [N_i, D] tensor per image) as
-        `pooler_output`, the compressed tower tokens, the kept indices and the tower's outputs if asked for."""
+    def _vision_output(views: VisionViews, features: list[torch.Tensor]) -> SlimImageFeaturesOutput:
+        """`get_image_features`' output under a vision-side method: `features` (one [N_i, D] tensor per image,
+        in the family's layout) as `pooler_output`, the views' tokens before the projector, the kept indices
+        and the tower's outputs if asked for."""
+        tower = views.tower
         return SlimImageFeaturesOutput(
-            last_hidden_state=selection.tokens,
+            last_hidden_state=views.tokens,
             pooler_output=features,
             hidden_states=tower.hidden_states if tower is not None else None,
             attentions=tower.attentions if tower is not None else None,
-            dominant_indices=selection.dominant_indices,
+            dominant_indices=views.dominant_indices,
         )
 
     def _slim_forward(self, cache=None, **inputs):

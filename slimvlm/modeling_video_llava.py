@@ -20,7 +20,7 @@ from transformers.models.video_llava.modeling_video_llava import VideoLlavaModel
 
 from .compat import can_return_tuple
 from .configuration_slimvlm import LEGACY_VIDEO_LLAVA_RENAMES, SlimVideoLlavaConfig, image_token_count, video_token_count, vision_tokens_per_view
-from .modeling_slimvlm import SlimGenerationMixin, SlimImageFeaturesOutput, SlimModelMixin, register_legacy_weight_names, slim_forward
+from .modeling_slimvlm import VISION_SIDE_METHODS, SlimGenerationMixin, SlimImageFeaturesOutput, SlimModelMixin, register_legacy_weight_names, slim_forward
 from .voco import VoCoSegments, voco_segments
 
 
@@ -43,12 +43,12 @@ class SlimVideoLlavaModel(SlimModelMixin, VideoLlavaModel):
     ) -> SlimImageFeaturesOutput | BaseModelOutputWithPooling | tuple:
         """Projected image features [images, K, D] (`pooler_output`) from the image tower, compressed per image
         under VisionZip (K = dominant + contextual, CLS kept); otherwise the stock features."""
-        if self.config.compression["method"] != "visionzip":
+        if self.config.compression["method"] not in VISION_SIDE_METHODS:
             return super().get_image_features(pixel_values=pixel_values, vision_feature_layer=vision_feature_layer,
                                               vision_feature_select_strategy=vision_feature_select_strategy,
                                               return_dict=True, **kwargs)
-        selection, tower = self._visionzip_views(pixel_values, vision_feature_layer, vision_tower=self.image_tower, **kwargs)
-        return self._visionzip_output(selection, tower, self.multi_modal_projector(selection.tokens))
+        views = self._compress_views(pixel_values, vision_feature_layer, vision_tower=self.image_tower, **kwargs)
+        return self._vision_output(views, views.projected)
 
     @can_return_tuple
     def get_video_features(
@@ -61,16 +61,15 @@ class SlimVideoLlavaModel(SlimModelMixin, VideoLlavaModel):
         from the video tower. Under VisionZip every frame is compressed on its own to K = video_dominant +
         video_contextual tokens; otherwise the stock 257 per frame (CLS kept)."""
         compression = self.config.compression
-        if compression["method"] != "visionzip":
+        if compression["method"] not in VISION_SIDE_METHODS:
             return super().get_video_features(pixel_values_videos=pixel_values_videos,
                                               vision_feature_layer=vision_feature_layer, return_dict=True, **kwargs)
         if pixel_values_videos.dim() != 5:
             raise ValueError(f"pixel_values_videos must be [videos, frames, 3, H, W], got {tuple(pixel_values_videos.shape)}")
         frames = pixel_values_videos.flatten(0, 1)  # frames are independent views, in (video, time) order
         split = (compression["video_dominant"], compression["video_contextual"])
-        selection, tower = self._visionzip_views(frames, vision_feature_layer, vision_tower=self.video_tower,
-                                                 split=split, **kwargs)
-        return self._visionzip_output(selection, tower, self.multi_modal_projector(selection.tokens))
+        views = self._compress_views(frames, vision_feature_layer, vision_tower=self.video_tower, split=split, **kwargs)
+        return self._vision_output(views, views.projected)
 
     def _placeholder_mask(self, modality: str, input_ids, inputs_embeds, features: torch.Tensor) -> torch.Tensor:
         # The stock check formats its message from a 3-D tensor's shape, so the [N, D] rows get a leading axis.
