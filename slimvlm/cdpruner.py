@@ -162,7 +162,7 @@ def clip_text_embeddings(text_model: nn.Module, text_projection: nn.Module, inpu
     """T̂ [M, P]: each row through the CLIP text transformer (causal + padding mask, final LN), pooled at the
     row's largest input id (first on ties; the legacy pooling), projected and normalised.
 
-    text_model: a `CLIPTextTransformer` (or `CLIPTextModel`); input_ids / attention_mask: [M, 77].
+    text_model: a `CLIPTextModel` (CLIPModel.text_model); input_ids / attention_mask: [M, 77].
     """
     hidden = text_model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state
     position = input_ids.argmax(dim=-1)
@@ -191,9 +191,9 @@ class RelevanceEncoder(nn.Module):
 
     def __init__(self, text_config, projection_dim: int, vision_hidden_size: int):
         super().__init__()
-        from transformers.models.clip.modeling_clip import CLIPTextTransformer
+        from transformers import CLIPTextModel
 
-        self.text_model = CLIPTextTransformer(text_config)
+        self.text_model = CLIPTextModel._from_config(text_config)
         self.text_projection = nn.Linear(text_config.hidden_size, projection_dim, bias=False)
         self.visual_projection = nn.Linear(vision_hidden_size, projection_dim, bias=False)
 

@@ -263,7 +263,7 @@ def _normalize_sparsevlm(compression: dict, num_layers: int | None) -> dict:
 
 
 def _normalize_pruner(compression: dict, tokens_per_view: int | None, vision_feature_layer, default_scope: str,
-                      relevance_encoder: bool) -> dict:
+                      relevance_encoder: bool | None) -> dict:
     """CDPruner / DivPrune (specs/cdpruner.md §11): `tokens` (or DivPrune's `ratio`), `scope`; CDPruner also
     `theta` and `relevance` ("clip" needs the relevance encoder stored in the checkpoint)."""
     method = compression["method"]
@@ -298,12 +298,13 @@ def _normalize_pruner(compression: dict, tokens_per_view: int | None, vision_fea
         raise ValueError(f"compression['theta'] for 'cdpruner' must be None or a number in [0, 1), got {theta!r}")
     out["theta"] = None if theta is None else float(theta)
     relevance = compression.get("relevance", "clip" if relevance_encoder else "llm_embeddings")
+    # relevance_encoder None: not known here (a processor); "clip" is then checked where it is used.
     if relevance not in CDPRUNER_RELEVANCE:
         raise ValueError(f"compression['relevance'] for 'cdpruner' must be one of {list(CDPRUNER_RELEVANCE)}, got {relevance!r}")
-    if relevance == "clip" and not relevance_encoder:
+    if relevance == "clip" and relevance_encoder is False:
         raise ValueError(
             "compression['relevance'] = 'clip' needs the CLIP relevance encoder inside the checkpoint, and this one has "
-            "none; add it once with slimvlm.cdpruner_relevance.attach_relevance_encoder(model, clip_id) (or "
+            "none; add it once with slimvlm.conversion.relevance.attach_relevance_encoder(model, clip_id, processor) (or "
             "`slimvlm convert --relevance-encoder ID`), or use relevance 'llm_embeddings'"
         )
     if relevance == "clip" and isinstance(vision_feature_layer, (list, tuple)) and len(vision_feature_layer) != 1:
@@ -333,7 +334,7 @@ def normalize_compression(
     vision_feature_layer: int | list[int] | None = None,
     video: bool = False,
     default_scope: str = "view",
-    relevance_encoder: bool = False,
+    relevance_encoder: bool | None = False,
 ) -> dict:
     """Validate a compression dict and return its canonical form (a new dict).
 
@@ -344,7 +345,8 @@ def normalize_compression(
         vision_feature_layer: the config's feature layer(s); VisionZip needs exactly one.
         video: the model also takes videos (Video-LLaVA): VisionZip then has per-frame counts too.
         default_scope: DivPrune's scope when not given ("image" on LLaVA-NeXT, the official global block).
-        relevance_encoder: the checkpoint holds CDPruner's CLIP relevance encoder (then `relevance` defaults to "clip").
+        relevance_encoder: the checkpoint holds CDPruner's CLIP relevance encoder (then `relevance` defaults to "clip");
+            None: unknown (processors), "clip" is then allowed but not the default.
     """
     if compression is None:
         return {"method": "none"}

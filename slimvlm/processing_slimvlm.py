@@ -101,7 +101,7 @@ class SlimProcessorMixin:
         """Switch compression (must match the model's); returns self."""
         self.compression = normalize_compression(compression, self._tokens_per_view(), video=self.takes_videos,
                                                  default_scope=self.pruner_default_scope,
-                                                 relevance_encoder=self.relevance_tokenizer is not None)
+                                                 relevance_encoder=True if self.relevance_tokenizer is not None else None)
         return self
 
     # ---- CDPruner's instruction (specs/cdpruner.md §9) ----------------------------------------------------
