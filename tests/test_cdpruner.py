@@ -7,6 +7,7 @@ own test module (test_llava.py, test_llava_next.py, test_video_llava.py, test_mi
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import numpy as np
@@ -508,3 +509,99 @@ def test_quantized_models_keep_the_selection(tmp_path, bits):
         reference = model.model.get_image_features(pixel_values=inputs["pixel_values"], **relevance_of(inputs)).kept_indices
         quantized.generate(**inputs, max_new_tokens=2, do_sample=False)
     assert torch.equal(ours[0], reference[0])
+
+
+def family_cases(tmp_path):
+    """(name, model, processor, inputs, media, prompt) for LLaVA-NeXT (CDPruner, per view), Video-LLaVA (CDPruner on
+    a video) and Mini-Gemini-HD (DivPrune after mining), each with the prompt as its instruction."""
+    import test_llava_next as nxt
+    import test_mini_gemini as mgm
+    import test_video_llava as vid
+    from builders import make_mgm_processor, random_video
+
+    cases = []
+    model = nxt.slim_next({"method": "cdpruner", "tokens": 9})
+    processor = nxt.slim_processor(model.config.compression)
+    image = next_images([(1, 2)])[0]
+    image.save(tmp_path / "next.png")
+    cases.append(("next", model, processor, processor(images=[image], text=[nxt.PROMPT], return_tensors="pt"),
+                  {"image": str(tmp_path / "next.png")}, nxt.PROMPT))
+    model = vid.slim_video({"method": "cdpruner", "tokens": 6, "scope": "image"})
+    processor = vid.slim_processor(model.config.compression)
+    video = random_video(4, seed=1)
+    np.save(tmp_path / "video.npy", video)
+    cases.append(("video", model, processor, processor(text=[vid.VIDEO_PROMPT], videos=[video], return_tensors="pt"),
+                  {"video": str(tmp_path / "video.npy")}, vid.VIDEO_PROMPT))
+    model = mgm.slim_mgm({"method": "divprune", "tokens": 12}, hd=True)
+    processor = make_mgm_processor(True, model.config.compression)
+    image = random_images(1, 64, seed=4)[0]
+    image.save(tmp_path / "mgm.png")
+    cases.append(("mgm", model, processor, processor(images=[image], text=[mgm.PROMPT], return_tensors="pt"),
+                  {"image": str(tmp_path / "mgm.png")}, mgm.PROMPT))
+    return cases
+
+
+def test_remote_code_for_the_other_families_in_one_offline_process(tmp_path):
+    """A11 for LLaVA-NeXT, Video-LLaVA and Mini-Gemini: trust_remote_code in a fresh process without slimvlm and
+    offline answers with the same logits and tokens."""
+    from safetensors.torch import load_file
+    from test_remote_code import run_isolated
+
+    tasks, expected = [], []
+    for name, model, processor, inputs, media, prompt in family_cases(tmp_path):
+        folder = tmp_path / name
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+        with torch.no_grad():
+            logits = model(**inputs).logits
+            tokens = model.generate(**inputs, max_new_tokens=3, do_sample=False, eos_token_id=None)
+        expected.append((model.config.compression, logits, tokens[:, inputs["input_ids"].shape[1]:].tolist()))
+        tasks.append({"folder": str(folder), "prompt": prompt, "out": str(tmp_path / f"{name}.safetensors"),
+                      "new_tokens": 3, **media})
+    report = run_isolated(tasks, tmp_path / "isolated")
+    assert report["slimvlm_importable"] is False
+    for task, result, (compression, logits, tokens) in zip(tasks, report["results"], expected):
+        assert result["compression"] == compression == result["processor_compression"]
+        assert result["missing"] == [] and result["unexpected"] == []
+        assert result["tokens"] == tokens
+        torch.testing.assert_close(load_file(task["out"])["logits"], logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_other_families_keep_the_vision_side_and_the_selection(tmp_path, bits):
+    """A12 for LLaVA-NeXT, Video-LLaVA and Mini-Gemini: the LLM is quantized, the vision side is not, and the kept
+    sets equal the unquantized model's."""
+    pytest.importorskip("bitsandbytes")
+    import test_llava_next as nxt
+    import test_mini_gemini as mgm
+    import test_video_llava as vid
+    from builders import make_mgm_processor, random_video
+
+    from slimvlm import SlimMiniGeminiForConditionalGeneration, SlimVideoLlavaForConditionalGeneration
+
+    wide = dict(text_hidden=64, vision_hidden=64)
+    cases = [
+        (nxt.slim_next({"method": "cdpruner", "tokens": 9}, **wide), SlimLlavaNextForConditionalGeneration,
+         lambda c: nxt.slim_processor(c)(images=next_images([(1, 2)]), text=[nxt.PROMPT], return_tensors="pt"), "image"),
+        (vid.slim_video({"method": "cdpruner", "tokens": 6}, **wide), SlimVideoLlavaForConditionalGeneration,
+         lambda c: vid.slim_processor(c)(text=[vid.VIDEO_PROMPT], videos=[random_video(4, seed=1)], return_tensors="pt"),
+         "video"),
+        (mgm.slim_mgm({"method": "cdpruner", "tokens": 12}, **wide), SlimMiniGeminiForConditionalGeneration,
+         lambda c: make_mgm_processor(False, c)(images=random_images(1, 64), text=[mgm.PROMPT], return_tensors="pt"),
+         "image"),
+    ]
+    for index, (model, model_class, make_inputs, modality) in enumerate(cases):
+        folder = tmp_path / str(index)
+        model.save_pretrained(folder)
+        quantized = load_quantized(model_class, folder, bits)
+        assert type(quantized.model.language_model.layers[0].self_attn.k_proj) is not torch.nn.Linear
+        assert type(quantized.model.multi_modal_projector.linear_1) is torch.nn.Linear
+        inputs = make_inputs(model.config.compression)
+        with torch.no_grad():
+            kept = []
+            for candidate in (model, quantized):
+                encoder = getattr(candidate.model, f"get_{modality}_features")
+                names = inspect.signature(encoder).parameters
+                kept.append(encoder(**{key: value for key, value in inputs.items() if key in names}).kept_indices)
+            quantized.generate(**inputs, max_new_tokens=2, do_sample=False)
+        assert len(kept[0]) > 0 and all(torch.equal(a, b) for a, b in zip(*kept))
