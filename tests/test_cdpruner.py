@@ -605,3 +605,43 @@ def test_quantized_other_families_keep_the_vision_side_and_the_selection(tmp_pat
                 kept.append(encoder(**{key: value for key, value in inputs.items() if key in names}).kept_indices)
             quantized.generate(**inputs, max_new_tokens=2, do_sample=False)
         assert len(kept[0]) > 0 and all(torch.equal(a, b) for a, b in zip(*kept))
+
+
+def test_convert_fetches_the_relevance_encoder_once_into_the_checkpoint(stock_checkpoint, tmp_path):
+    """§10: `slimvlm convert --relevance-encoder ID` stores CLIP's text tower, projections and tokenizer in the slim
+    checkpoint; loading it needs nothing else (the source folder is deleted first)."""
+    import shutil
+
+    from slimvlm.cli import main
+
+    clip = tiny_clip(seed=3)
+    clip.save_pretrained(tmp_path / "clip")
+    make_tokenizer().save_pretrained(tmp_path / "clip")
+    compression = '{"method": "cdpruner", "tokens": 8, "relevance": "clip"}'
+    assert main(["convert", str(stock_checkpoint), str(tmp_path / "slim"), "--compression", compression,
+                 "--relevance-encoder", str(tmp_path / "clip"), "--base-model", "llava-hf/llava-1.5-7b-hf"]) == 0
+    shutil.rmtree(tmp_path / "clip")
+    model = SlimLlavaForConditionalGeneration.from_pretrained(tmp_path / "slim")
+    processor = SlimLlavaProcessor.from_pretrained(tmp_path / "slim")
+    assert model.config.compression["relevance"] == "clip" == processor.compression["relevance"]
+    assert model.config.relevance_encoder_config["source"] == str(tmp_path / "clip")
+    assert torch.equal(model.model.relevance_encoder.text_projection.weight, clip.text_projection.weight)
+    assert torch.equal(model.model.relevance_encoder.visual_projection.weight, clip.visual_projection.weight)
+    inputs = processor(images=random_images(1), text=[PROMPT], instructions=["red circle"], return_tensors="pt")
+    assert inputs["relevance_input_ids"].shape == (1, 1, 77)
+    with torch.no_grad():
+        assert model(**inputs).logits.shape[1] == inputs["input_ids"].shape[1]
+    with pytest.raises(ValueError, match="relevance encoder"):
+        SlimLlavaForConditionalGeneration.from_pretrained(stock_checkpoint, compression={"method": "cdpruner", "tokens": 8,
+                                                                                       "relevance": "clip"})
+
+
+def test_lmms_eval_backend_passes_the_question_without_its_answer_format_suffix():
+    """§5.1 for the lmms-eval backend: the instruction is the question, not the answer-format suffix."""
+    pytest.importorskip("lmms_eval")
+    from slimvlm.eval.backend import cdpruner_instruction
+
+    assert cdpruner_instruction("What color is it?\nAnswer the question using a single word or phrase.") == "What color is it?"
+    assert cdpruner_instruction("Which one?\nA. red\nB. blue\nAnswer with the option's letter from the given choices "
+                                "directly.") == "Which one?\nA. red\nB. blue"
+    assert cdpruner_instruction("Describe the image.") == "Describe the image."
