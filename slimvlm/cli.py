@@ -51,7 +51,7 @@ def _compression(text: str | None) -> dict | None:
     if not isinstance(value, dict):
         raise ValueError(f"--compression must be a JSON object such as '{EXAMPLE_COMPRESSION}', got {text!r}")
     try:
-        normalize_compression(value)
+        normalize_compression(value, relevance_encoder=None)  # the model says whether it has one
     except (TypeError, ValueError) as error:
         raise type(error)(f"--compression: {error}") from error
     return value
@@ -270,7 +270,7 @@ def run_convert(args) -> int:
     with Progress(3) as progress:
         folder = convert_to_slim(args.source, args.output, compression, base_model=args.base_model,
                                  overwrite=args.overwrite, progress=progress, vision_tower=args.vision_tower,
-                                 vision_tower_aux=args.vision_tower_aux)
+                                 vision_tower_aux=args.vision_tower_aux, relevance_encoder=args.relevance_encoder)
     print(f"wrote {folder}")
     return 0
 
@@ -396,6 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "(Hub id or folder; default: the config's mm_vision_tower)")
     convert.add_argument("--vision-tower-aux", help="for an original Mini-Gemini folder without ConvNeXt weights: the "
                          "open_clip checkpoint (file, folder or Hub id; default: the config's mm_vision_tower_aux)")
+    convert.add_argument("--relevance-encoder", help="CDPruner's CLIP (Hub id or folder, e.g. openai/clip-vit-large-patch14-336): "
+                         "its text tower, projections and tokenizer are stored inside the slim checkpoint")
     convert.set_defaults(func=run_convert)
 
     original = command("convert-original", help="original LLaVA code checkpoint (LLaVA-1.5 / 1.6) -> stock "

@@ -19,7 +19,13 @@ from transformers.configuration_utils import SubConfigSpec
 from .compat import TESTED_RANGE  # noqa: F401  (importing compat warns once outside the tested range)
 
 
-METHODS = ("none", "visionzip", "sparsevlm", "voco")
+METHODS = ("none", "visionzip", "sparsevlm", "voco", "cdpruner", "divprune")
+# Select K of a view's projected tokens before the LLM (specs/cdpruner.md).
+PRUNER_METHODS = ("cdpruner", "divprune")
+PRUNER_SCOPES = ("view", "image")
+CDPRUNER_RELEVANCE = ("clip", "llm_embeddings")
+# DivPrune's official ratio (SUBSET_RATIO): 56 of LLaVA-1.5's 576 tokens.
+DIVPRUNE_RATIO = 0.098
 
 # SparseVLM budget tables (specs/sparsevlm.md §4): preset -> budgets at the prune steps.
 SPARSEVLM_LAYERS = (2, 6, 15)
@@ -256,6 +262,65 @@ def _normalize_sparsevlm(compression: dict, num_layers: int | None) -> dict:
     return out
 
 
+def _normalize_pruner(compression: dict, tokens_per_view: int | None, vision_feature_layer, default_scope: str,
+                      relevance_encoder: bool | None) -> dict:
+    """CDPruner / DivPrune (specs/cdpruner.md §11): `tokens` (or DivPrune's `ratio`), `scope`; CDPruner also
+    `theta` and `relevance` ("clip" needs the relevance encoder stored in the checkpoint)."""
+    method = compression["method"]
+    allowed = {"tokens", "scope"} | ({"theta", "relevance"} if method == "cdpruner" else {"ratio"})
+    _check_keys(compression, method, allowed)
+    out: dict[str, Any] = {"method": method}
+    if method == "divprune" and ("tokens" in compression) == ("ratio" in compression):
+        raise ValueError(f"compression for 'divprune' takes exactly one of 'tokens' (e.g. 64) or 'ratio' (e.g. "
+                         f"{DIVPRUNE_RATIO}); got {compression}")
+    if "ratio" in compression:
+        ratio = compression["ratio"]
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+            raise ValueError(f"compression['ratio'] for 'divprune' must be a number in (0, 1], got {ratio!r}")
+        out["ratio"] = float(ratio)
+    else:
+        if "tokens" not in compression:
+            raise ValueError(f"compression for {method!r} is missing 'tokens' (kept tokens per view, e.g. 64); got {compression}")
+        tokens = _require_int(method, "tokens", compression["tokens"])
+        candidates = None if tokens_per_view is None else tokens_per_view - 1
+        if candidates is not None and tokens > candidates:
+            raise ValueError(f"compression['tokens'] = {tokens} for {method!r} exceeds the {candidates} patch tokens "
+                             "a view of this vision tower has")
+        out["tokens"] = tokens
+    scope = compression.get("scope", "view" if method == "cdpruner" else default_scope)
+    if scope not in PRUNER_SCOPES:
+        raise ValueError(f"compression['scope'] for {method!r} must be one of {list(PRUNER_SCOPES)}, got {scope!r}")
+    out["scope"] = scope
+    if method == "divprune":
+        return out
+    theta = compression.get("theta")
+    if theta is not None and (isinstance(theta, bool) or not isinstance(theta, (int, float)) or not 0 <= theta < 1):
+        raise ValueError(f"compression['theta'] for 'cdpruner' must be None or a number in [0, 1), got {theta!r}")
+    out["theta"] = None if theta is None else float(theta)
+    relevance = compression.get("relevance", "clip" if relevance_encoder else "llm_embeddings")
+    # relevance_encoder None: not known here (a processor); "clip" is then checked where it is used.
+    if relevance not in CDPRUNER_RELEVANCE:
+        raise ValueError(f"compression['relevance'] for 'cdpruner' must be one of {list(CDPRUNER_RELEVANCE)}, got {relevance!r}")
+    if relevance == "clip" and relevance_encoder is False:
+        raise ValueError(
+            "compression['relevance'] = 'clip' needs the CLIP relevance encoder inside the checkpoint, and this one has "
+            "none; add it once with slimvlm.conversion.relevance.attach_relevance_encoder(model, clip_id, processor) (or "
+            "`slimvlm convert --relevance-encoder ID`), or use relevance 'llm_embeddings'"
+        )
+    if relevance == "clip" and isinstance(vision_feature_layer, (list, tuple)) and len(vision_feature_layer) != 1:
+        raise ValueError(f"compression['relevance'] = 'clip' needs a single vision_feature_layer, got "
+                         f"vision_feature_layer={list(vision_feature_layer)}")
+    out["relevance"] = relevance
+    return out
+
+
+def pruned_count(compression: dict, candidates: int) -> int:
+    """Tokens CDPruner / DivPrune keep of `candidates`: `tokens`, or round(ratio·candidates) (Python's round)."""
+    if "ratio" in compression:
+        return max(1, round(compression["ratio"] * candidates))
+    return compression["tokens"]
+
+
 def _normalize_voco(compression: dict) -> dict:
     _check_keys(compression, "voco", {"num_voco_tokens"})
     count = _require_int("voco", "num_voco_tokens", compression.get("num_voco_tokens", 1))
@@ -268,6 +333,8 @@ def normalize_compression(
     num_text_layers: int | None = None,
     vision_feature_layer: int | list[int] | None = None,
     video: bool = False,
+    default_scope: str = "view",
+    relevance_encoder: bool | None = False,
 ) -> dict:
     """Validate a compression dict and return its canonical form (a new dict).
 
@@ -277,6 +344,9 @@ def normalize_compression(
         num_text_layers: language-model depth, to bound SparseVLM's prune layers.
         vision_feature_layer: the config's feature layer(s); VisionZip needs exactly one.
         video: the model also takes videos (Video-LLaVA): VisionZip then has per-frame counts too.
+        default_scope: DivPrune's scope when not given ("image" on LLaVA-NeXT, the official global block).
+        relevance_encoder: the checkpoint holds CDPruner's CLIP relevance encoder (then `relevance` defaults to "clip");
+            None: unknown (processors), "clip" is then allowed but not the default.
     """
     if compression is None:
         return {"method": "none"}
@@ -292,6 +362,8 @@ def normalize_compression(
         return _normalize_visionzip(compression, tokens_per_view, vision_feature_layer, video)
     if method == "sparsevlm":
         return _normalize_sparsevlm(compression, num_text_layers)
+    if method in PRUNER_METHODS:
+        return _normalize_pruner(compression, tokens_per_view, vision_feature_layer, default_scope, relevance_encoder)
     return _normalize_voco(compression)
 
 
@@ -314,6 +386,8 @@ def image_token_count(compression: dict, uncompressed_count: int) -> int:
     """
     if compression["method"] == "visionzip":
         return compression["dominant"] + compression["contextual"]
+    if compression["method"] in PRUNER_METHODS:
+        return pruned_count(compression, uncompressed_count)
     return uncompressed_count
 
 
@@ -322,6 +396,12 @@ class SlimCompressionMixin:
 
     # Whether the family takes videos (per-frame VisionZip counts are then part of the schema).
     takes_videos = False
+    # DivPrune's default scope for the family (specs/cdpruner.md §11).
+    pruner_default_scope = "view"
+
+    def _compression_options(self) -> dict:
+        return {"video": self.takes_videos, "default_scope": self.pruner_default_scope,
+                "relevance_encoder": self.__dict__.get("relevance_encoder_config") is not None}
 
     def _compression_bounds(self) -> tuple[int | None, int | None, Any]:
         vision_config = self.__dict__.get("vision_config")
@@ -340,11 +420,11 @@ class SlimCompressionMixin:
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "compression":
-            value = normalize_compression(value, *self._compression_bounds(), video=self.takes_videos)
+            value = normalize_compression(value, *self._compression_bounds(), **self._compression_options())
         elif name == "vision_feature_layer" and self.__dict__.get("compression") is not None:
             # A multi-layer feature list is refused under VisionZip whichever of the two is set last.
             normalize_compression(self.__dict__["compression"], *self._compression_bounds()[:2], value,
-                                  video=self.takes_videos)
+                                  **self._compression_options())
         super().__setattr__(name, value)
 
 
@@ -357,6 +437,8 @@ class SlimLlavaConfig(SlimCompressionMixin, LlavaConfig):
     """
 
     model_type = "slim_llava"
+    # CDPruner's CLIP relevance encoder (specs/cdpruner.md §10): source CLIPTextConfig, widths, source id.
+    relevance_encoder_config: dict | None = None
     compression: dict | None = None
     # Id of the `<voco>` token (VoCo-LLaMA); set by `slimvlm.voco.add_voco_token` or the conversion.
     voco_token_id: int | None = None
@@ -370,6 +452,9 @@ class SlimLlavaNextConfig(SlimCompressionMixin, LlavaNextConfig):
     """
 
     model_type = "slim_llava_next"
+    pruner_default_scope = "image"
+    # CDPruner's CLIP relevance encoder (specs/cdpruner.md §10): source CLIPTextConfig, widths, source id.
+    relevance_encoder_config: dict | None = None
     compression: dict | None = None
     voco_token_id: int | None = None
 
@@ -384,6 +469,8 @@ class SlimVideoLlavaConfig(SlimCompressionMixin, VideoLlavaConfig):
 
     model_type = "slim_video_llava"
     takes_videos = True
+    # CDPruner's CLIP relevance encoder (specs/cdpruner.md §10): source CLIPTextConfig, widths, source id.
+    relevance_encoder_config: dict | None = None
     compression: dict | None = None
     voco_token_id: int | None = None
 
@@ -396,15 +483,35 @@ def video_token_count(compression: dict, tokens_per_frame: int, num_frames: int)
     """
     if compression["method"] == "visionzip":
         return num_frames * (compression["video_dominant"] + compression["video_contextual"])
+    if compression["method"] in PRUNER_METHODS:
+        return views_pruned_count(compression, tokens_per_frame, num_frames)
     return num_frames * tokens_per_frame
 
 
-def anyres_visionzip_token_count(compression: dict, grid: tuple[int, int]) -> int:
-    """Tokens of one LLaVA-NeXT image under VisionZip's official layout: (1 + gh·gw) views of K = d + c tokens.
+def views_pruned_count(compression: dict, candidates_per_view: int, views: int) -> int:
+    """CDPruner / DivPrune tokens of an image (or video) of a fixed number of views (Video-LLaVA frames, Mini-Gemini
+    views): views·K with `tokens` under either scope (scope "image" spends the same budget over all views);
+    with `ratio`, per view (scope "view") or of all views' candidates (scope "image")."""
+    if "ratio" in compression and compression["scope"] == "image":
+        return pruned_count(compression, views * candidates_per_view)
+    return views * pruned_count(compression, candidates_per_view)
 
-    Shared by the processor (placeholders) and the model (features), specs/visionzip.md §7.2.
+
+def anyres_visionzip_token_count(compression: dict, grid: tuple[int, int], candidates_per_view: int | None = None,
+                                 stock_count: int | None = None) -> int:
+    """Tokens of one LLaVA-NeXT image under a vision-side method.
+
+    VisionZip's official layout: (1 + gh·gw) views of K = d + c tokens (specs/visionzip.md §7.2). CDPruner /
+    DivPrune (specs/cdpruner.md §8): scope "view" keeps K of each view's `candidates_per_view` patches,
+    (1 + gh·gw)·K; scope "image" selects K (or round(ratio·V)) of the image's stock packed block of
+    `stock_count` = V tokens. Shared by the processor (placeholders) and the model (features).
     """
-    return (1 + grid[0] * grid[1]) * (compression["dominant"] + compression["contextual"])
+    views = 1 + grid[0] * grid[1]
+    if compression["method"] in PRUNER_METHODS:
+        if compression["scope"] == "image":
+            return pruned_count(compression, stock_count)
+        return views * pruned_count(compression, candidates_per_view)
+    return views * (compression["dominant"] + compression["contextual"])
 
 
 # The high-resolution ConvNeXt of every Mini-Gemini release: open_clip convnext_large_d_320 (timm convnext_large).
@@ -433,6 +540,8 @@ class SlimMiniGeminiConfig(SlimCompressionMixin, LlavaConfig):
     image_size_aux: int = 768
     image_grid: int = 1
     image_global: bool = False
+    # CDPruner's CLIP relevance encoder (specs/cdpruner.md §10): source CLIPTextConfig, widths, source id.
+    relevance_encoder_config: dict | None = None
     compression: dict | None = None
     voco_token_id: int | None = None
 
@@ -460,4 +569,6 @@ def mini_gemini_token_count(compression: dict, patches_per_view: int, views: int
 
     Shared by the processor (placeholders) and the model (features).
     """
+    if compression["method"] in PRUNER_METHODS:
+        return views_pruned_count(compression, patches_per_view, views)
     return views * image_token_count(compression, patches_per_view)

@@ -21,7 +21,8 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 CARD_FILE = "README.md"
-METHOD_TAGS = {"visionzip": "visionzip", "sparsevlm": "sparsevlm", "voco": "voco-llama"}
+METHOD_TAGS = {"visionzip": "visionzip", "sparsevlm": "sparsevlm", "voco": "voco-llama", "cdpruner": "cdpruner",
+               "divprune": "divprune"}
 # Methods whose checkpoints carry trained weights; the others are training-free repacks of the base model,
 # for which the Hub wants no relation (it infers one from the files).
 BASE_MODEL_RELATIONS = {"voco": "finetune"}
@@ -37,6 +38,15 @@ METHOD_NOTES = {
     "sparsevlm": (
         "SparseVLM v{version} (training-free): all visual tokens enter the language model; at decoder layers {layers} "
         "text raters score them and the least relevant are pruned (v1.5 recycles some into merged tokens)."
+    ),
+    "cdpruner": (
+        "CDPruner (training-free): of each view's projected visual tokens, a DPP greedy MAP keeps a diverse set "
+        "weighted by relevance to the instruction ({relevance} relevance, scope \"{scope}\"): {tokens} visual tokens "
+        "per image reach the language model."
+    ),
+    "divprune": (
+        "DivPrune (training-free): of the projected visual tokens (scope \"{scope}\"), a max-min diversity selection "
+        "keeps {tokens} visual tokens per image; the instruction is not used."
     ),
     "voco": (
         "VoCo-LLaMA: the language model distils the image into {num_voco_tokens} <voco> token(s) through an attention "
@@ -113,7 +123,7 @@ def model_card(
     body = [
         f"# {model_name or title}",
         "",
-        METHOD_NOTES[method].format(**compression, tokens=tokens_per_image),
+        METHOD_NOTES[method].format(**{**compression, "tokens": tokens_per_image}),
         "",
         "```python",
         "from transformers import AutoModelForImageTextToText, AutoProcessor",

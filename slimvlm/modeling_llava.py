@@ -18,6 +18,7 @@ from .modeling_slimvlm import (
     DEFAULT_QUANTIZATION_SKIP_MODULES,
     SlimGenerationMixin,
     SlimImageFeaturesOutput,
+    VISION_SIDE_METHODS,
     SlimModelMixin,
     register_legacy_weight_names,
     slim_forward,
@@ -39,6 +40,8 @@ class SlimLlavaModel(SlimModelMixin, LlavaModel):
         vision_feature_layer: int | list[int] | None = None,
         vision_feature_select_strategy: str | None = None,
         image_sizes: torch.Tensor | None = None,
+        relevance_input_ids: torch.Tensor | None = None,
+        relevance_attention_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> SlimImageFeaturesOutput | BaseModelOutputWithPooling | tuple:
         """Projected image features, compressed when `config.compression` says so.
@@ -46,10 +49,10 @@ class SlimLlavaModel(SlimModelMixin, LlavaModel):
         Returns `pooler_output`: a list with one [K, D] tensor per image, K = `image_token_count(...)`. As the
         stock method: `return_dict=False` gives a tuple, and `output_hidden_states` / `output_attentions`
         return the vision tower's (under VisionZip the whole tower then runs; otherwise it stops at the
-        feature layer, whose output is all VisionZip needs).
+        feature layer, whose output is all VisionZip needs). CDPruner takes the instruction as
+        `relevance_input_ids` / `relevance_attention_mask` (one row per image, written by the processor).
         """
-        compression = self.config.compression
-        if compression["method"] != "visionzip":
+        if self.config.compression["method"] not in VISION_SIDE_METHODS:
             return super().get_image_features(
                 pixel_values=pixel_values,
                 vision_feature_layer=vision_feature_layer,
@@ -58,10 +61,11 @@ class SlimLlavaModel(SlimModelMixin, LlavaModel):
                 return_dict=True,
                 **kwargs,
             )
-        # CLS is always kept under VisionZip, so vision_feature_select_strategy does not apply.
-        selection, tower = self._visionzip_views(pixel_values, vision_feature_layer, **kwargs)
-        features = self.multi_modal_projector(selection.tokens)
-        return self._visionzip_output(selection, tower, list(features))
+        # CLS is always kept under VisionZip, so vision_feature_select_strategy does not apply to it.
+        views = self._compress_views(pixel_values, vision_feature_layer, select_strategy=vision_feature_select_strategy,
+                                     relevance_input_ids=relevance_input_ids,
+                                     relevance_attention_mask=relevance_attention_mask, **kwargs)
+        return self._vision_output(views)
 
 
 class SlimLlavaForConditionalGeneration(SlimGenerationMixin, LlavaForConditionalGeneration):

@@ -24,7 +24,7 @@ from transformers.models.llava_next.modeling_llava_next import (
 
 from .compat import can_return_tuple
 from .configuration_slimvlm import LEGACY_LLAVA_NEXT_RENAMES, SlimLlavaNextConfig, anyres_visionzip_token_count
-from .modeling_slimvlm import SlimGenerationMixin, SlimImageFeaturesOutput, SlimModelMixin, register_legacy_weight_names, slim_forward
+from .modeling_slimvlm import VISION_SIDE_METHODS, SlimGenerationMixin, SlimImageFeaturesOutput, SlimModelMixin, register_legacy_weight_names, slim_forward
 
 
 def anyres_visionzip_layout(views: torch.Tensor, dominant_indices: torch.Tensor, grid: tuple[int, int], side: int,
@@ -48,13 +48,34 @@ def anyres_visionzip_layout(views: torch.Tensor, dominant_indices: torch.Tensor,
     if crops.shape[0] == 0:
         return base
     patches = dominant_indices[1:].sort(dim=1).values[:, 1:] - 1  # [n, d - 1], ascending = token order
-    crop = torch.arange(crops.shape[0], device=patches.device)[:, None]
+    width = crops.shape[-1]
+    dominant_tokens = crops[:, 1:dominant].reshape(-1, width)[global_raster_order(patches, grid, side).to(crops.device)]
+    return torch.cat([base, dominant_tokens, crops[:, 0], crops[:, dominant:].reshape(-1, width)])
+
+
+def global_raster_order(patches: torch.Tensor, grid: tuple[int, int], side: int) -> torch.Tensor:
+    """The order that sorts the crops' kept patches [n, k] (each crop's row ascending; crops row-major) into
+    raster order of the (gh·side) x (gw·side) global patch grid: a permutation of n·k."""
+    crop = torch.arange(patches.shape[0], device=patches.device)[:, None]
     row = (crop // grid[1]) * side + patches // side
     column = (crop % grid[1]) * side + patches % side
-    order = (row * grid[1] * side + column).flatten().argsort()
-    width = crops.shape[-1]
-    dominant_tokens = crops[:, 1:dominant].reshape(-1, width)[order.to(crops.device)]
-    return torch.cat([base, dominant_tokens, crops[:, 0], crops[:, dominant:].reshape(-1, width)])
+    return (row * grid[1] * side + column).flatten().argsort()
+
+
+def anyres_pruned_layout(views: torch.Tensor, kept_indices: torch.Tensor, grid: tuple[int, int], side: int) -> torch.Tensor:
+    """One image's CDPruner / DivPrune tokens (scope "view") in the official LLaVA-NeXT order (specs/cdpruner.md §5.3).
+
+    views: [1 + n, K, D] kept tokens of the base view and the n = gh·gw crops (row-major), each ascending;
+    kept_indices: [1 + n, K] their patch indices. Returns [(1 + n)·K, D]: the base's tokens, then all crops'
+    tokens in raster order of the global grid; no unpadding and no newline.
+    """
+    base, crops = views[0], views[1:]
+    if crops.shape[0] != grid[0] * grid[1]:
+        raise ValueError(f"an image with a {grid[0]}x{grid[1]} anyres grid needs {grid[0] * grid[1]} crops, got {crops.shape[0]}")
+    if crops.shape[0] == 0:
+        return base
+    order = global_raster_order(kept_indices[1:], grid, side).to(crops.device)
+    return torch.cat([base, crops.reshape(-1, crops.shape[-1])[order]])
 
 
 class SlimLlavaNextModel(SlimModelMixin, LlavaNextModel):
@@ -77,31 +98,55 @@ class SlimLlavaNextModel(SlimModelMixin, LlavaNextModel):
         image_sizes: torch.Tensor,
         vision_feature_layer: int | list[int] | None = None,
         vision_feature_select_strategy: str | None = None,
+        relevance_input_ids: torch.Tensor | None = None,
+        relevance_attention_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> SlimImageFeaturesOutput | BaseModelOutputWithPooling | tuple:
         """Projected image features (`pooler_output`: one [N_i, D] tensor per image), compressed when
-        `config.compression` says so. Padding views of a batched 5-D `pixel_values` are never encoded."""
-        if self.config.compression["method"] != "visionzip":
+        `config.compression` says so. Padding views of a batched 5-D `pixel_values` are never encoded.
+
+        CDPruner / DivPrune, scope "view": K of each view's patches, one min-max per image, the official layout
+        (`anyres_pruned_layout`); scope "image": K of the stock packed block (base, unpadded crops, newlines)."""
+        compression = self.config.compression
+        if compression["method"] not in VISION_SIDE_METHODS:
             return super().get_image_features(pixel_values, image_sizes, vision_feature_layer=vision_feature_layer,
                                               vision_feature_select_strategy=vision_feature_select_strategy,
                                               return_dict=True, **kwargs)
+        if compression["method"] != "visionzip" and compression["scope"] == "image":
+            stock = super().get_image_features(pixel_values, image_sizes, vision_feature_layer=vision_feature_layer,
+                                               vision_feature_select_strategy=vision_feature_select_strategy,
+                                               return_dict=True, **kwargs)
+            features, kept = self._prune_blocks(list(stock.pooler_output), relevance_input_ids, relevance_attention_mask)
+            return SlimImageFeaturesOutput(last_hidden_state=stock.last_hidden_state, pooler_output=features,
+                                           hidden_states=stock.hidden_states, attentions=stock.attentions,
+                                           kept_indices=kept)
         views_per_image = [image_size_to_num_patches(size, self.config.image_grid_pinpoints,
                                                      self.config.vision_config.image_size) for size in image_sizes]
         if pixel_values.dim() == 5:
             pixel_values = torch.cat([views[:count] for views, count in zip(pixel_values, views_per_image)])
         elif pixel_values.dim() != 4:
             raise ValueError(f"pixel_values must be [images, views, 3, H, W] or [views, 3, H, W], got {tuple(pixel_values.shape)}")
-        # CLS is always kept under VisionZip, so vision_feature_select_strategy does not apply.
-        selection, tower = self._visionzip_views(pixel_values, vision_feature_layer, **kwargs)
-        projected = self.multi_modal_projector(selection.tokens)  # [views, K, D]
         side = self.config.vision_config.image_size // self.config.vision_config.patch_size
+        if compression["method"] != "visionzip":
+            starts = [sum(views_per_image[:image]) for image in range(len(views_per_image))]
+            groups = [list(range(start, start + count)) for start, count in zip(starts, views_per_image)]
+            views = self._compress_views(pixel_values, vision_feature_layer, groups=groups,
+                                         select_strategy=vision_feature_select_strategy,
+                                         relevance_input_ids=relevance_input_ids,
+                                         relevance_attention_mask=relevance_attention_mask, **kwargs)
+            features = [anyres_pruned_layout(image_views, kept, self.anyres_grid(size), side)
+                        for image_views, kept, size in zip(views.projected.split(views_per_image),
+                                                           views.kept_indices.split(views_per_image), image_sizes)]
+            return self._vision_output(views, features)
+        # CLS is always kept under VisionZip, so vision_feature_select_strategy does not apply.
+        views = self._compress_views(pixel_values, vision_feature_layer, **kwargs)
         dominant = self.config.compression["dominant"]
         features = [
-            anyres_visionzip_layout(views, indices, self.anyres_grid(size), side, dominant)
-            for views, indices, size in zip(projected.split(views_per_image), selection.dominant_indices.split(views_per_image),
-                                            image_sizes)
+            anyres_visionzip_layout(image_views, indices, self.anyres_grid(size), side, dominant)
+            for image_views, indices, size in zip(views.projected.split(views_per_image),
+                                                  views.dominant_indices.split(views_per_image), image_sizes)
         ]
-        return self._visionzip_output(selection, tower, features)
+        return self._vision_output(views, features)
 
 
 class SlimLlavaNextForConditionalGeneration(SlimGenerationMixin, LlavaNextForConditionalGeneration):
@@ -118,6 +163,12 @@ class SlimLlavaNextForConditionalGeneration(SlimGenerationMixin, LlavaNextForCon
     def image_tokens_summary(self) -> str:
         """The visual tokens per image, in words (model cards): they depend on the image's anyres grid."""
         compression = self.config.compression
+        if compression["method"] in ("cdpruner", "divprune"):
+            if compression["scope"] == "image":
+                kept = compression.get("tokens") or f"round({compression['ratio']} x the stock count)"
+                return f"{kept} of the stock block (base view + unpadded crops + one newline per row)"
+            per_view = compression.get("tokens") or f"round({compression['ratio']} x patches)"
+            return f"(1 + anyres crops) x {per_view}"
         if compression["method"] != "visionzip":
             return "the stock LLaVA-NeXT count (base view + unpadded crops + one newline per row)"
         per_view = compression["dominant"] + compression["contextual"]
@@ -129,6 +180,14 @@ class SlimLlavaNextForConditionalGeneration(SlimGenerationMixin, LlavaNextForCon
             raise ValueError(f"visionzip_token_count needs compression method 'visionzip', the model has {self.config.compression}")
         return anyres_visionzip_token_count(self.config.compression, self.model.anyres_grid(image_size))
 
+    def pruned_token_count(self, image_size) -> int:
+        """Tokens an image of `image_size` (height, width) becomes under CDPruner / DivPrune scope "view":
+        (1 + gh·gw)·K (scope "image" keeps K, or round(ratio·V), of the stock block)."""
+        if self.config.compression["method"] not in ("cdpruner", "divprune") or self.config.compression["scope"] != "view":
+            raise ValueError(f"pruned_token_count needs CDPruner / DivPrune with scope 'view', the model has {self.config.compression}")
+        patches = (self.config.vision_config.image_size // self.config.vision_config.patch_size) ** 2
+        return anyres_visionzip_token_count(self.config.compression, self.model.anyres_grid(image_size), patches)
+
 
 register_legacy_weight_names("SlimLlavaNextForConditionalGeneration", "SlimLlavaNextModel", LEGACY_LLAVA_NEXT_RENAMES)
 
@@ -136,4 +195,4 @@ SlimLlavaNextConfig.register_for_auto_class()
 SlimLlavaNextModel.register_for_auto_class("AutoModel")
 SlimLlavaNextForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
 
-__all__ = ["SlimLlavaNextModel", "SlimLlavaNextForConditionalGeneration", "anyres_visionzip_layout"]
+__all__ = ["SlimLlavaNextModel", "SlimLlavaNextForConditionalGeneration", "anyres_pruned_layout", "anyres_visionzip_layout"]

@@ -28,7 +28,7 @@ from transformers.models.llava.modeling_llava import LlavaModelOutputWithPast, L
 
 from .compat import cache_keyword, call_with_cache, can_return_tuple, with_cache_argument
 from .configuration_slimvlm import SlimMiniGeminiConfig, mini_gemini_token_count, vision_tokens_per_view
-from .modeling_slimvlm import SlimGenerationMixin, SlimImageFeaturesOutput, SlimModelMixin
+from .modeling_slimvlm import RELEVANCE_KEYS, VISION_SIDE_METHODS, SlimGenerationMixin, SlimImageFeaturesOutput, SlimModelMixin
 
 # The original code's placeholder id for <image> in input_ids (not a vocabulary id).
 ORIGINAL_IMAGE_TOKEN_INDEX = -200
@@ -173,6 +173,8 @@ class SlimMiniGeminiModel(SlimModelMixin, LlavaModel):
         pixel_values_aux: torch.Tensor | None = None,
         vision_feature_layer: int | list[int] | None = None,
         vision_feature_select_strategy: str | None = None,
+        relevance_input_ids: torch.Tensor | None = None,
+        relevance_attention_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> SlimImageFeaturesOutput | tuple:
         """Projected image features: `pooler_output` is a list with one [views·K, D] tensor per image
@@ -192,13 +194,20 @@ class SlimMiniGeminiModel(SlimModelMixin, LlavaModel):
         clip_input = self.clip_views(pixel_values)
         high_resolution = self.high_resolution_map(pixel_values_aux)
 
-        if self.config.compression["method"] == "visionzip":
+        if self.config.compression["method"] in VISION_SIDE_METHODS:
             def mine_patches(hidden: torch.Tensor) -> torch.Tensor:  # CLS has no cell: it stays as CLIP gave it
                 return torch.cat([hidden[:, :1], self.mine(hidden[:, 1:], high_resolution)], dim=1)
 
-            selection, tower = self._visionzip_views(clip_input, vision_feature_layer, transform=mine_patches, **kwargs)
-            features = self.multi_modal_projector(self.image_layout(selection.tokens, images))
-            return self._visionzip_output(selection, tower, list(features))
+            crops = self.config.image_grid**2
+            # Each image's views in MGM's token order [global, c00, c01, ...] (CLIP order: all crops, then all globals).
+            groups = [([images * crops + image] if self.config.image_global else []) + list(range(image * crops, (image + 1) * crops))
+                      for image in range(images)]
+            views = self._compress_views(clip_input, vision_feature_layer, transform=mine_patches, groups=groups,
+                                         relevance_input_ids=relevance_input_ids,
+                                         relevance_attention_mask=relevance_attention_mask, **kwargs)
+            if views.images is not None:
+                return self._vision_output(views)
+            return self._vision_output(views, list(self.image_layout(views.projected, images)))
 
         layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
         if not isinstance(layer, int):
@@ -251,6 +260,7 @@ class SlimMiniGeminiModel(SlimModelMixin, LlavaModel):
             )
         pixel_values, pixel_values_aux = inputs.pop("pixel_values", None), inputs.pop("pixel_values_aux", None)
         inputs.pop("image_sizes", None)
+        relevance = {key: inputs.pop(key, None) for key in RELEVANCE_KEYS}
         if pixel_values is None:
             return inputs
         encoded = dict(inputs.get("mm_encoder_outputs") or {})
@@ -259,7 +269,7 @@ class SlimMiniGeminiModel(SlimModelMixin, LlavaModel):
         encoded["image"] = self.get_image_features(
             pixel_values=pixel_values, pixel_values_aux=pixel_values_aux,
             vision_feature_layer=inputs.get("vision_feature_layer"),
-            vision_feature_select_strategy=inputs.get("vision_feature_select_strategy"), return_dict=True,
+            vision_feature_select_strategy=inputs.get("vision_feature_select_strategy"), return_dict=True, **relevance,
         )
         inputs["mm_encoder_outputs"] = encoded
         return inputs

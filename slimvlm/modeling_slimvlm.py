@@ -21,9 +21,19 @@ from transformers.core_model_loading import WeightRenaming
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import logging
 
+from .configuration_slimvlm import pruned_count, views_pruned_count
 from .modelcard_slimvlm import push_to_hub_with_card, write_card_unless_present
-from .compat import (cache_keyword, can_return_tuple, call_with_cache, generate_with_cache, generation_cache, model_output, pop_cache,
+from .compat import (can_return_tuple, call_with_cache, generate_with_cache, generation_cache, model_output, pop_cache,
                      with_cache_argument, with_stock_deprecations)
+from .cdpruner import (
+    RelevanceEncoder,
+    clip_relevance,
+    divprune_select,
+    dpp_greedy_map,
+    embedding_relevance,
+    gather_rows,
+    minmax_relevance,
+)
 from .sparsevlm import SparseVLMCache, sparsevlm_decode, sparsevlm_prefill
 from .visionzip import encode_with_visionzip, resolve_feature_layer, visionzip_from_hidden_states
 from .voco import (
@@ -58,6 +68,7 @@ DEFAULT_QUANTIZATION_SKIP_MODULES = [
     "model.video_tower",
     "model.vision_tower_aux",
     "model.patch_mining",
+    "model.relevance_encoder",
     "model.multi_modal_projector",
     "lm_head",
 ]
@@ -91,15 +102,56 @@ def apply_default_quantization_skips(kwargs: dict) -> None:
         quantization_config.llm_int8_skip_modules = list(DEFAULT_QUANTIZATION_SKIP_MODULES)
 
 
+def build_relevance_encoder(encoder_config: dict) -> RelevanceEncoder:
+    """The `RelevanceEncoder` described by `config.relevance_encoder_config` (weights come from the checkpoint)."""
+    from transformers import CLIPTextConfig
+
+    text_config = CLIPTextConfig(**encoder_config["text_config"])
+    return RelevanceEncoder(text_config, encoder_config["projection_dim"], encoder_config["vision_hidden_size"])
+
+
 @dataclass
 class SlimImageFeaturesOutput(BaseModelOutputWithPooling):
     """`get_image_features` output. `pooler_output` is a list of [K, D] projected features, one per image.
 
     dominant_indices: [num_images, d] VisionZip's kept token indices (official order: CLS, then by score);
         None when VisionZip is off.
+    kept_indices: CDPruner / DivPrune: one 1-D tensor per view (scope "image": per image), ascending, of the
+        candidate positions kept (patch indices within the view, CLS excluded under the "default" strategy).
     """
 
     dominant_indices: torch.Tensor | None = None
+    kept_indices: list[torch.Tensor] | None = None
+
+
+# Methods that act at the vision-side plug point: after the tower, before the language model; the processor
+# writes their token count. Families route `get_image_features` through `SlimModelMixin._compress_views` for these.
+VISION_SIDE_METHODS = ("visionzip", "cdpruner", "divprune")
+# Processor outputs that carry CDPruner's instruction, one row per image (video) so that `generate()`'s
+# pre-encoding, which runs before the beams are expanded and before any sample mapping, can use them as is.
+RELEVANCE_KEYS = ("relevance_input_ids", "relevance_attention_mask")
+VIDEO_RELEVANCE_KEYS = ("relevance_video_input_ids", "relevance_video_attention_mask")
+
+
+@dataclass
+class VisionViews:
+    """What a vision-side method made of a batch of V independent views (each view in its own token order).
+
+    projected: [V, K, D] the kept (or merged) tokens after the projector.
+    tokens: [V, K, C] the same tokens before the projector.
+    tower: the tower's full outputs when the caller asked for hidden states or attentions, else None.
+    dominant_indices: [V, d] VisionZip's kept token indices (official order: CLS, then by score), else None.
+    kept_indices: CDPruner / DivPrune: [V, K] kept candidate positions per view (ascending), else None.
+    images: CDPruner / DivPrune with scope "image": one [K_i, D] tensor per image (its views' candidates
+        concatenated in the order of `groups`, then selected), and `projected` / `kept_indices` are None.
+    """
+
+    projected: torch.Tensor | None
+    tokens: torch.Tensor | list[torch.Tensor]
+    tower: object = None
+    dominant_indices: torch.Tensor | None = None
+    kept_indices: torch.Tensor | list[torch.Tensor] | None = None
+    images: list[torch.Tensor] | None = None
 
 
 class StockInitMixin:
@@ -180,50 +232,203 @@ class SlimModelMixin(StockInitMixin):
     # The family's `*ModelOutputWithPast` class (set by each family).
     output_class = None
 
-    def _visionzip_views(self, pixel_values: torch.Tensor, vision_feature_layer, vision_tower=None,
-                         split: tuple[int, int] | None = None, transform=None, **kwargs):
-        """VisionZip on a batch of independent views [V, 3, H, W] of a vision tower.
+    # ---- vision side: VisionZip, CDPruner, DivPrune (one plug point, after the tower, before the LLM) ----
+
+    def _compress_views(self, pixel_values: torch.Tensor, vision_feature_layer, vision_tower=None,
+                        split: tuple[int, int] | None = None, transform=None, **kwargs) -> VisionViews:
+        """The vision-side method of `config.compression` on a batch of independent views [V, 3, H, W].
+
+        The method module only selects (or merges) tokens of a view; this does the rest once for every family:
+        running the tower, the projector, the gather and the tower outputs the caller asked for.
 
         vision_tower: the tower to run (default `self.vision_tower`; Video-LLaVA passes its image or video tower).
-        split: (dominant, contextual) (default the image split of `config.compression`).
-        transform: optional [V, N, C] -> [V, N, C] on the scoring layer's output before selection (Mini-Gemini's
-            patch mining); see `visionzip.encode_with_visionzip`.
-        Returns (selection, tower_outputs): `tower_outputs` is the whole tower's output when the caller asked
-        for `output_hidden_states` / `output_attentions` (the tower then runs to the end, as in the stock
-        classes), else None (the tower stops at the scoring layer, whose output is all VisionZip needs).
+        split: VisionZip's (dominant, contextual) (default the image split of `config.compression`).
+        transform: optional [V, 1 + N, C] -> [V, 1 + N, C] on the feature layer's output (CLS first) before
+            selection (Mini-Gemini's patch mining); VisionZip's scores and CDPruner's CLIP relevance stay the
+            CLIP layer's.
+        CDPruner / DivPrune also take (in kwargs) `groups` (the views of each image, in the family's token order;
+        default one view per image), `select_strategy` ("default" drops CLS from the candidates, "full" keeps
+        it), `counts` ((per view K, per image K) as the family counts them) and the relevance inputs.
+        Returns the views in each view's own token order (`VisionViews`); the family lays them out per image.
         """
         compression = self.config.compression
         vision_tower = self.vision_tower if vision_tower is None else vision_tower
         layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
-        feature_layer = resolve_feature_layer(layer, len(vision_tower.encoder.layers))
-        dominant, contextual = split or (compression["dominant"], compression["contextual"])
         output_hidden_states = kwargs.get("output_hidden_states", self.config.output_hidden_states)
         output_attentions = kwargs.get("output_attentions", self.config.output_attentions)
+        if compression["method"] != "visionzip":
+            return self._pruned_views(pixel_values, layer, vision_tower, transform, output_hidden_states,
+                                      output_attentions, **kwargs)
+        feature_layer = resolve_feature_layer(layer, len(vision_tower.encoder.layers))
+        dominant, contextual = split or (compression["dominant"], compression["contextual"])
+        tower = None
         if not (output_hidden_states or output_attentions):
-            return encode_with_visionzip(vision_tower, pixel_values, feature_layer, dominant, contextual,
-                                         transform), None
+            # The tower stops at the scoring layer, whose output is all VisionZip needs.
+            selection = encode_with_visionzip(vision_tower, pixel_values, feature_layer, dominant, contextual, transform)
+        else:
+            # As in the stock classes, the tower then runs to the end.
+            tower = vision_tower(pixel_values, output_hidden_states=True, output_attentions=bool(output_attentions),
+                                 return_dict=True)
+            selection = visionzip_from_hidden_states(vision_tower, tower.hidden_states, feature_layer, dominant,
+                                                     contextual, transform)
+            tower.hidden_states = tower.hidden_states if output_hidden_states else None
+            tower.attentions = tower.attentions if output_attentions else None
+        return VisionViews(projected=self.multi_modal_projector(selection.tokens), tokens=selection.tokens,
+                           tower=tower, dominant_indices=selection.dominant_indices)
+
+    def _pruned_views(self, pixel_values, layer, vision_tower, transform, output_hidden_states, output_attentions,
+                      groups: list[list[int]] | None = None, select_strategy: str | None = None,
+                      relevance_input_ids=None, relevance_attention_mask=None, **kwargs) -> VisionViews:
+        """CDPruner / DivPrune (specs/cdpruner.md): all N candidates of every view are projected and K kept rows
+        gathered (scope "view"), or K of each image's concatenated views (scope "image")."""
+        compression = self.config.compression
+        strategy = select_strategy or self.config.vision_feature_select_strategy
         tower = vision_tower(pixel_values, output_hidden_states=True, output_attentions=bool(output_attentions),
                              return_dict=True)
-        selection = visionzip_from_hidden_states(vision_tower, tower.hidden_states, feature_layer, dominant, contextual,
-                                                 transform)
+        layers = layer if isinstance(layer, (list, tuple)) else [layer]
+        hidden = torch.cat([tower.hidden_states[index] for index in layers], dim=-1)  # [V, 1 + N, C]
+        mined = hidden if transform is None else transform(hidden)
+        candidates = mined[:, 1:] if strategy == "default" else mined
+        projected = self.multi_modal_projector(candidates)  # [V, N, D]
+        groups = [[view] for view in range(projected.shape[0])] if groups is None else groups
+        weights = None
+        if compression["method"] == "cdpruner":
+            rho = self._relevance(projected, hidden[:, 1:] if strategy == "default" else hidden, vision_tower,
+                                  groups, relevance_input_ids, relevance_attention_mask)
+            weights = torch.empty_like(rho)
+            for group in groups:
+                weights[group] = minmax_relevance(rho[group], compression["theta"])  # one min-max per image
+        per_view = pruned_count(compression, projected.shape[1])
         tower.hidden_states = tower.hidden_states if output_hidden_states else None
         tower.attentions = tower.attentions if output_attentions else None
-        return selection, tower
+        if compression["scope"] == "view":
+            kept = self._select(projected, weights, per_view)
+            return VisionViews(projected=gather_rows(projected, kept), tokens=gather_rows(candidates, kept),
+                               tower=tower if (output_hidden_states or output_attentions) else None,
+                               kept_indices=kept)
+        images, tokens, kept_indices = [], [], []
+        for group in groups:
+            block = projected[group].flatten(0, 1)[None]
+            per_image = views_pruned_count(compression, projected.shape[1], len(group))
+            kept = self._select(block, None if weights is None else weights[group].flatten()[None], per_image)
+            images.append(gather_rows(block, kept)[0])
+            tokens.append(gather_rows(candidates[group].flatten(0, 1)[None], kept)[0])
+            kept_indices.append(kept[0])
+        return VisionViews(projected=None, tokens=tokens, images=images, kept_indices=kept_indices,
+                           tower=tower if (output_hidden_states or output_attentions) else None)
+
+    def _prune_blocks(self, blocks: list[torch.Tensor], relevance_input_ids=None, relevance_attention_mask=None
+                      ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """CDPruner / DivPrune over whole per-image blocks [V_i, D] (LLaVA-NeXT scope "image": the stock packed
+        block): K (or round(ratio·V_i)) of each. Returns (kept rows, kept positions) per image."""
+        compression = self.config.compression
+        if compression["method"] == "cdpruner" and compression["relevance"] == "clip":
+            raise ValueError("CDPruner scope 'image' on a packed block has no per-patch CLIP relevance; use scope 'view' "
+                             "(the official layout) or relevance 'llm_embeddings'")
+        features, kept_indices = [], []
+        for image, block in enumerate(blocks):
+            weights = None
+            if compression["method"] == "cdpruner":
+                mask = None if relevance_attention_mask is None else relevance_attention_mask[image: image + 1]
+                ids = None if relevance_input_ids is None else relevance_input_ids[image: image + 1]
+                if ids is not None and relevance_input_ids.shape[0] != len(blocks):
+                    ids = relevance_input_ids  # let _relevance report the mismatch
+                weights = minmax_relevance(self._relevance(block[None], None, None, [[0]], ids, mask), compression["theta"])
+            kept = self._select(block[None], weights, pruned_count(compression, block.shape[0]))
+            features.append(gather_rows(block[None], kept)[0])
+            kept_indices.append(kept[0])
+        return features, kept_indices
+
+    def _encode_pruned_first(self, inputs: dict) -> dict:
+        """Under CDPruner / DivPrune, encode pixels here with the relevance inputs (which the stock forward would
+        hand on to the language model) and pass the features on as `mm_encoder_outputs`; other methods just
+        drop the relevance inputs."""
+        relevance = {key: inputs.pop(key, None) for key in RELEVANCE_KEYS + VIDEO_RELEVANCE_KEYS}
+        if self.config.compression["method"] not in ("cdpruner", "divprune"):
+            return inputs
+        encoded = dict(inputs.get("mm_encoder_outputs") or {})
+        for modality, pixels, keys in (("image", "pixel_values", RELEVANCE_KEYS), ("video", "pixel_values_videos", VIDEO_RELEVANCE_KEYS)):
+            if inputs.get(pixels) is None:
+                inputs.pop(pixels, None)
+                continue
+            encoder = getattr(self, f"get_{modality}_features")
+            parameters = inspect.signature(encoder).parameters
+            extra = {key: inputs[key] for key in ("image_sizes", "vision_feature_layer", "vision_feature_select_strategy")
+                     if key in parameters and inputs.get(key) is not None}
+            encoded[modality] = encoder(**{pixels: inputs.pop(pixels)}, **extra, return_dict=True,
+                                        **{key: relevance[key] for key in keys})
+        if encoded:
+            inputs["mm_encoder_outputs"] = encoded
+        return inputs
+
+    def post_init(self):
+        """Adds CDPruner's relevance encoder when the config describes one (specs/cdpruner.md §10)."""
+        encoder_config = getattr(self.config, "relevance_encoder_config", None)
+        if encoder_config and getattr(self, "relevance_encoder", None) is None:
+            self.relevance_encoder = build_relevance_encoder(encoder_config)
+        super().post_init()
+
+    def _select(self, features: torch.Tensor, weights: torch.Tensor | None, tokens: int) -> torch.Tensor:
+        """[G, N, D] -> [G, K] ascending kept positions under the configured method."""
+        if self.config.compression["method"] == "cdpruner":
+            return dpp_greedy_map(features, weights, tokens)
+        return divprune_select(features, tokens)
+
+    def _relevance(self, projected, patches, vision_tower, groups, input_ids, attention_mask) -> torch.Tensor:
+        """ρ [V, N] of every view's candidates for its image's instruction (specs/cdpruner.md §2.2-2.4, §8).
+
+        input_ids / attention_mask: one row per image (in the order of `groups`): [I, R, 77] CLIP ids under
+        `relevance: "clip"`, [I, T] LLM-vocabulary ids under `"llm_embeddings"`.
+        """
+        if input_ids is None:
+            raise ValueError(
+                "CDPruner selects visual tokens by their relevance to the instruction, but no relevance_input_ids were "
+                "given; build inputs with the Slim processor of the same compression (it writes them from "
+                "`instructions=`, the chat messages' last user turn or the prompt), or use method 'divprune'"
+            )
+        if input_ids.shape[0] != len(groups):
+            raise ValueError(f"relevance_input_ids has {input_ids.shape[0]} rows but there are {len(groups)} images: "
+                             "the processor writes one row per image (video)")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        rho = projected.new_empty(projected.shape[:2], dtype=torch.float32)
+        if self.config.compression["relevance"] == "clip":
+            encoder = self.relevance_encoder
+            image_embeds = encoder.image_embeddings(vision_tower.post_layernorm, patches)
+            for image, group in enumerate(groups):
+                text = encoder.text_embeddings(input_ids[image].to(encoder.text_projection.weight.device),
+                                               attention_mask[image].to(encoder.text_projection.weight.device))
+                rho[group] = clip_relevance(image_embeds[group], text).to(rho.device)
+            return rho
+        embeddings = self.get_input_embeddings()
+        for image, group in enumerate(groups):
+            ids = input_ids[image][attention_mask[image].bool()].to(embeddings.weight.device)
+            if ids.numel() == 0:
+                rho[group] = 0.0  # no instruction: constant relevance (r = 1 after min-max), DivPrune-like DPP
+                continue
+            rho[group] = embedding_relevance(projected[group], embeddings(ids)).to(rho.device)
+        return rho
 
     @staticmethod
-    def _visionzip_output(selection, tower, features: list[torch.Tensor]) -> SlimImageFeaturesOutput:
-        """`get_image_features`' output under VisionZip: `features` (one [N_i, D] tensor per image) as
-        `pooler_output`, the compressed tower tokens, the kept indices and the tower's outputs if asked for."""
+    def _vision_output(views: VisionViews, features: list[torch.Tensor] | None = None) -> SlimImageFeaturesOutput:
+        """`get_image_features`' output under a vision-side method: `features` (one [N_i, D] tensor per image,
+        in the family's layout) as `pooler_output`, the views' tokens before the projector, the kept indices
+        and the tower's outputs if asked for."""
+        tower = views.tower
+        if features is None:  # each view is an image, or scope "image" selected per image
+            features = views.images if views.images is not None else list(views.projected)
         return SlimImageFeaturesOutput(
-            last_hidden_state=selection.tokens,
+            last_hidden_state=views.tokens,
             pooler_output=features,
             hidden_states=tower.hidden_states if tower is not None else None,
             attentions=tower.attentions if tower is not None else None,
-            dominant_indices=selection.dominant_indices,
+            dominant_indices=views.dominant_indices,
+            kept_indices=None if views.kept_indices is None else list(views.kept_indices),
         )
 
     def _slim_forward(self, cache=None, **inputs):
         """Route a forward by compression method (SparseVLM and VoCo change what happens inside the LM)."""
+        inputs = self._encode_pruned_first(inputs)
         method = self.config.compression["method"]
         if method == "sparsevlm":
             return self._forward_sparsevlm(cache=cache, **inputs)
@@ -679,15 +884,24 @@ class SlimGenerationMixin(StockInitMixin):
 
     @with_cache_argument
     def prepare_inputs_for_generation(self, input_ids, *args, cache=None, attention_mask=None,
-                                      inputs_embeds=None, **kwargs):
+                                      inputs_embeds=None, relevance_input_ids=None, relevance_attention_mask=None,
+                                      relevance_video_input_ids=None, relevance_video_attention_mask=None, **kwargs):
         """Stock inputs; under VoCo full-mask decoding also the VoCo bounds of the *full* rows, so the
         VoCo positions never drift between steps (the official decode bugs, spec §11).
 
         `inputs_embeds` is named in the signature: `generate()` inspects it to allow `inputs_embeds`. The
-        cache goes to the stock method under the keyword it declares (no deprecation warning per step)."""
+        cache goes to the stock method under the keyword it declares (no deprecation warning per step).
+
+        CDPruner's relevance inputs are named so that `generate()` accepts them; its pre-encoding of the images
+        consumes them, and otherwise they go with the pixels of the first step."""
         model_inputs = call_with_cache(
             super().prepare_inputs_for_generation, input_ids, *args, cache=cache, attention_mask=attention_mask,
             inputs_embeds=inputs_embeds, **kwargs)
+        relevance = dict(zip(RELEVANCE_KEYS + VIDEO_RELEVANCE_KEYS, (relevance_input_ids, relevance_attention_mask,
+                                                                     relevance_video_input_ids, relevance_video_attention_mask)))
+        for pixels, keys in (("pixel_values", RELEVANCE_KEYS), ("pixel_values_videos", VIDEO_RELEVANCE_KEYS)):
+            if model_inputs.get(pixels) is not None:
+                model_inputs.update({key: relevance[key] for key in keys if relevance[key] is not None})
         if (
             self.config.compression["method"] == "voco"
             and not isinstance(generation_cache(model_inputs), VoCoDynamicCache)

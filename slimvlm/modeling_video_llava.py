@@ -20,7 +20,7 @@ from transformers.models.video_llava.modeling_video_llava import VideoLlavaModel
 
 from .compat import can_return_tuple, with_stock_deprecations
 from .configuration_slimvlm import LEGACY_VIDEO_LLAVA_RENAMES, SlimVideoLlavaConfig, image_token_count, video_token_count, vision_tokens_per_view
-from .modeling_slimvlm import SlimGenerationMixin, SlimImageFeaturesOutput, SlimModelMixin, register_legacy_weight_names, slim_forward
+from .modeling_slimvlm import VISION_SIDE_METHODS, SlimGenerationMixin, SlimImageFeaturesOutput, SlimModelMixin, register_legacy_weight_names, slim_forward
 from .voco import VoCoSegments, voco_segments
 
 
@@ -41,39 +41,55 @@ class SlimVideoLlavaModel(SlimModelMixin, VideoLlavaModel):
         pixel_values_images: torch.Tensor | None = None,
         vision_feature_layer: int | list[int] | None = None,
         vision_feature_select_strategy: str | None = None,
+        relevance_input_ids: torch.Tensor | None = None,
+        relevance_attention_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> SlimImageFeaturesOutput | BaseModelOutputWithPooling | tuple:
         """Projected image features [images, K, D] (`pooler_output`) from the image tower, compressed per image
-        under VisionZip (K = dominant + contextual, CLS kept); otherwise the stock features. `pixel_values_images`
-        is the stock deprecated name of `pixel_values` (named here, as in stock, so `generate()` pre-encodes it)."""
-        if self.config.compression["method"] != "visionzip":
+        under VisionZip (K = dominant + contextual, CLS kept) or CDPruner / DivPrune (K of the 256 patches);
+        otherwise the stock features. `pixel_values_images` is the stock deprecated name of `pixel_values` (named
+        here, as in stock, so `generate()` pre-encodes it)."""
+        if self.config.compression["method"] not in VISION_SIDE_METHODS:
             return super().get_image_features(pixel_values=pixel_values, vision_feature_layer=vision_feature_layer,
                                               vision_feature_select_strategy=vision_feature_select_strategy,
                                               return_dict=True, **kwargs)
-        selection, tower = self._visionzip_views(pixel_values, vision_feature_layer, vision_tower=self.image_tower, **kwargs)
-        return self._visionzip_output(selection, tower, self.multi_modal_projector(selection.tokens))
+        views = self._compress_views(pixel_values, vision_feature_layer, vision_tower=self.image_tower,
+                                     select_strategy=vision_feature_select_strategy,
+                                     relevance_input_ids=relevance_input_ids,
+                                     relevance_attention_mask=relevance_attention_mask, **kwargs)
+        return self._vision_output(views, views.projected if views.images is None else torch.stack(views.images))
 
     @can_return_tuple
     def get_video_features(
         self,
         pixel_values_videos: torch.Tensor,
         vision_feature_layer: int | list[int] | None = None,
+        relevance_video_input_ids: torch.Tensor | None = None,
+        relevance_video_attention_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> SlimImageFeaturesOutput | BaseModelOutputWithPooling | tuple:
         """Projected frame features [videos·frames, K, D] (`pooler_output`, video-major, frames in temporal order)
         from the video tower. Under VisionZip every frame is compressed on its own to K = video_dominant +
-        video_contextual tokens; otherwise the stock 257 per frame (CLS kept)."""
+        video_contextual tokens; under CDPruner / DivPrune K of each frame's 257 tokens (CLS is a candidate, as
+        the stock video path keeps it), or with scope "image" F·K of the video's F·257 ([videos, F·K, D]);
+        otherwise the stock 257 per frame."""
         compression = self.config.compression
-        if compression["method"] != "visionzip":
+        if compression["method"] not in VISION_SIDE_METHODS:
             return super().get_video_features(pixel_values_videos=pixel_values_videos,
                                               vision_feature_layer=vision_feature_layer, return_dict=True, **kwargs)
         if pixel_values_videos.dim() != 5:
             raise ValueError(f"pixel_values_videos must be [videos, frames, 3, H, W], got {tuple(pixel_values_videos.shape)}")
         frames = pixel_values_videos.flatten(0, 1)  # frames are independent views, in (video, time) order
+        if compression["method"] != "visionzip":
+            count = pixel_values_videos.shape[1]
+            groups = [list(range(video * count, (video + 1) * count)) for video in range(pixel_values_videos.shape[0])]
+            views = self._compress_views(frames, vision_feature_layer, vision_tower=self.video_tower, groups=groups,
+                                         select_strategy="full", relevance_input_ids=relevance_video_input_ids,
+                                         relevance_attention_mask=relevance_video_attention_mask, **kwargs)
+            return self._vision_output(views, views.projected if views.images is None else torch.stack(views.images))
         split = (compression["video_dominant"], compression["video_contextual"])
-        selection, tower = self._visionzip_views(frames, vision_feature_layer, vision_tower=self.video_tower,
-                                                 split=split, **kwargs)
-        return self._visionzip_output(selection, tower, self.multi_modal_projector(selection.tokens))
+        views = self._compress_views(frames, vision_feature_layer, vision_tower=self.video_tower, split=split, **kwargs)
+        return self._vision_output(views, views.projected)
 
     def _placeholder_mask(self, modality: str, input_ids, inputs_embeds, features: torch.Tensor) -> torch.Tensor:
         # The stock check formats its message from a 3-D tensor's shape, so the [N, D] rows get a leading axis.

@@ -6,6 +6,7 @@ Shipped with checkpoints: imports only transformers and flat siblings.
 from __future__ import annotations
 
 import inspect
+import os
 
 import numpy as np
 import torch
@@ -14,7 +15,10 @@ from transformers import BatchFeature, LlavaNextProcessor, LlavaProcessor, Video
 from transformers.image_processing_utils import select_best_resolution
 from transformers.image_utils import get_image_size, make_flat_list_of_images, to_numpy_array
 from transformers.processing_utils import MultiModalData, ProcessorMixin
+from transformers.utils import logging
 from transformers.video_utils import make_batched_videos
+
+from .cdpruner import clip_text_rows
 
 from .configuration_slimvlm import (
     anyres_visionzip_token_count,
@@ -24,6 +28,33 @@ from .configuration_slimvlm import (
     video_token_count,
 )
 from .voco import VOCO_CHAT_TEMPLATE, voco_group_text, voco_video_text
+
+logger = logging.get_logger(__name__)
+
+# Where a processor keeps CDPruner's CLIP tokenizer, clear of the LLM tokenizer's files (specs/cdpruner.md §10).
+RELEVANCE_TOKENIZER_FOLDER = "relevance_tokenizer"
+
+
+def last_user_turn(conversation: list[dict]) -> str:
+    """The text items of a chat conversation's last user turn, joined with "\n" (specs/cdpruner.md §9)."""
+    for message in reversed(conversation):
+        if message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, str):
+                return content
+            return "\n".join(item["text"] for item in content or [] if item.get("type") == "text" and "text" in item)
+    return ""
+
+
+def pad_id_rows(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ragged id lists -> ([n, T] ids right-padded with 0, [n, T] mask); T >= 1."""
+    length = max([len(row) for row in rows] + [1])
+    ids = torch.zeros(len(rows), length, dtype=torch.long)
+    mask = torch.zeros(len(rows), length, dtype=torch.long)
+    for index, row in enumerate(rows):
+        ids[index, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[index, : len(row)] = 1
+    return ids, mask
 
 
 class SlimProcessorMixin:
@@ -35,6 +66,12 @@ class SlimProcessorMixin:
 
     # Whether the family takes videos (per-frame VisionZip counts are then part of the compression schema).
     takes_videos = False
+    # DivPrune's default scope for the family (as its config's).
+    pruner_default_scope = "view"
+    # CDPruner's CLIP tokenizer (relevance "clip"); saved in `relevance_tokenizer/`, loaded from there.
+    relevance_tokenizer = None
+    _chat_instructions = None
+    _warned_prompt_instruction = False
 
     def __init__(
         self,
@@ -62,8 +99,94 @@ class SlimProcessorMixin:
 
     def set_compression(self, compression: dict | None):
         """Switch compression (must match the model's); returns self."""
-        self.compression = normalize_compression(compression, self._tokens_per_view(), video=self.takes_videos)
+        self.compression = normalize_compression(compression, self._tokens_per_view(), video=self.takes_videos,
+                                                 default_scope=self.pruner_default_scope,
+                                                 relevance_encoder=True if self.relevance_tokenizer is not None else None)
         return self
+
+    # ---- CDPruner's instruction (specs/cdpruner.md §9) ----------------------------------------------------
+
+    def __call__(self, *args, instructions: list[str] | str | None = None, **kwargs):
+        """The stock processor call; under CDPruner also `relevance_input_ids` / `relevance_attention_mask`: the
+        instruction of each image's sample, one row per image (videos: `relevance_video_*`, one row per video).
+
+        The instruction is `instructions` (one string per sample), else the chat messages' last user turn (via
+        `apply_chat_template`), else the prompt with its image/video placeholders removed (with a one-time
+        warning: that includes the template, so it is not the papers' setting).
+        """
+        outputs = super().__call__(*args, **kwargs)
+        if self.compression["method"] != "cdpruner":
+            return outputs
+        bound = inspect.signature(super().__call__).bind_partial(*args, **kwargs).arguments
+        text = bound.get("text")
+        texts = [text] if isinstance(text, str) else list(text or [])
+        if instructions is None:
+            instructions = self._chat_instructions
+        if isinstance(instructions, str):
+            instructions = [instructions]
+        if instructions is None:
+            placeholders = [token for token in (self.image_token, getattr(self, "video_token", None)) if token]
+            instructions = []
+            for sample in texts:
+                for token in placeholders:
+                    sample = sample.replace(token, "")
+                instructions.append(sample.strip())
+            if not SlimProcessorMixin._warned_prompt_instruction and texts:
+                SlimProcessorMixin._warned_prompt_instruction = True
+                logger.warning("CDPruner: no `instructions=` and no chat messages, so the prompt without its placeholders "
+                               "(template text included) conditions the selection; pass instructions=[question, ...] "
+                               "for the papers' setting")
+        if len(instructions) != len(texts):
+            raise ValueError(f"instructions has {len(instructions)} entries for {len(texts)} text samples; give one per sample")
+        for modality, token in (("", self.image_token), ("video_", getattr(self, "video_token", None))):
+            if token is None:
+                continue
+            rows = [instruction for sample, instruction in zip(texts, instructions) for _ in range(sample.count(token))]
+            if modality == "video_" and not rows:
+                continue
+            ids, mask = self.relevance_inputs(rows)
+            outputs[f"relevance_{modality}input_ids"] = ids
+            outputs[f"relevance_{modality}attention_mask"] = mask
+        return outputs
+
+    def relevance_inputs(self, instructions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Ids and mask of `instructions` (one per image) for the model's relevance: [n, R, 77] CLIP rows under
+        relevance "clip" (BOS + tokens + EOS, split every 77, §2.3), [n, T] LLM-vocabulary ids otherwise."""
+        if self.compression["relevance"] == "llm_embeddings":
+            return pad_id_rows([self.tokenizer(text, add_special_tokens=False)["input_ids"] for text in instructions])
+        tokenizer = self.relevance_tokenizer
+        if tokenizer is None:
+            raise ValueError("compression['relevance'] = 'clip' needs the CLIP tokenizer (relevance_tokenizer/) with the "
+                             "processor; save the processor of a checkpoint converted with a relevance encoder")
+        encoded = [clip_text_rows(tokenizer(text, add_special_tokens=False)["input_ids"], tokenizer.bos_token_id,
+                                  tokenizer.eos_token_id) for text in instructions]
+        rows = max([ids.shape[0] for ids, _ in encoded] + [1])
+        ids = torch.zeros(len(encoded), rows, encoded[0][0].shape[1] if encoded else 77, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for index, (row_ids, row_mask) in enumerate(encoded):
+            ids[index, : row_ids.shape[0]], mask[index, : row_ids.shape[0]] = row_ids, row_mask
+        return ids, mask
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """The stock save, plus CDPruner's CLIP tokenizer in `relevance_tokenizer/` when the processor has one."""
+        saved = super().save_pretrained(save_directory, *args, **kwargs)
+        if self.relevance_tokenizer is not None:
+            self.relevance_tokenizer.save_pretrained(os.path.join(save_directory, RELEVANCE_TOKENIZER_FOLDER))
+        return saved
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, compression: dict | None = None, **kwargs):
+        """The stock load; a local folder's `relevance_tokenizer/` becomes `relevance_tokenizer` (before `compression`
+        is validated, so relevance "clip" is allowed)."""
+        processor = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        folder = os.path.join(str(pretrained_model_name_or_path), RELEVANCE_TOKENIZER_FOLDER)
+        if os.path.isdir(folder):
+            from transformers import AutoTokenizer
+
+            processor.relevance_tokenizer = AutoTokenizer.from_pretrained(folder)
+        if compression is not None or processor.relevance_tokenizer is not None:
+            processor.set_compression(compression if compression is not None else processor.compression)
+        return processor
 
     def _tokens_per_view(self) -> int | None:
         """CLS + patches of one processed view, to bound VisionZip's dominant + contextual as the model does."""
@@ -77,7 +200,15 @@ class SlimProcessorMixin:
         llava-hf's template puts "USER: " before the image, which the cached VoCo path cannot reproduce."""
         if chat_template is None and self.compression["method"] == "voco":
             chat_template = VOCO_CHAT_TEMPLATE
-        return super().apply_chat_template(conversation, chat_template=chat_template, **kwargs)
+        if self.compression["method"] != "cdpruner":
+            return super().apply_chat_template(conversation, chat_template=chat_template, **kwargs)
+        batched = conversation and isinstance(conversation[0], (list, tuple))
+        conversations = conversation if batched else [conversation]
+        self._chat_instructions = [last_user_turn(list(messages)) for messages in conversations]
+        try:  # with tokenize=True the stock method calls the processor, which reads the instructions
+            return super().apply_chat_template(conversation, chat_template=chat_template, **kwargs)
+        finally:
+            self._chat_instructions = None
 
     def _with_voco_group(self, placeholders: str) -> str:
         """VoCo layout (specs/voco.md §2): image, "\\n", K <voco>; write prompts with build_voco_prompt
@@ -120,16 +251,25 @@ class SlimLlavaNextProcessor(SlimProcessorMixin, LlavaNextProcessor):
 
     Under VisionZip an image becomes (1 + gh·gw)·K tokens: the base view and each of the gh x gw anyres crops
     compressed to K = d + c, in the official layout without unpadding or newlines (specs/visionzip.md §7.2).
-    Other methods keep the stock count (base + unpadded crops + one newline per row).
+    CDPruner / DivPrune: (1 + gh·gw)·K with scope "view" (the official layout), K (or round(ratio·V)) of the
+    stock V with scope "image". Other methods keep the stock count (base + unpadded crops + one newline per row).
     """
 
+    pruner_default_scope = "image"
+
     def _get_number_of_features(self, orig_height: int, orig_width: int, height: int, width: int) -> int:
-        if self.compression["method"] != "visionzip":
+        method = self.compression["method"]
+        if method not in ("visionzip", "cdpruner", "divprune"):
             return super()._get_number_of_features(orig_height, orig_width, height, width)
         best_height, best_width = select_best_resolution([orig_height, orig_width], self.image_processor.image_grid_pinpoints)
-        count = anyres_visionzip_token_count(self.compression, (best_height // height, best_width // width))
+        stock = None
+        if method != "visionzip" and self.compression["scope"] == "image":
+            stock = super()._get_number_of_features(orig_height, orig_width, height, width)
+            stock -= 1 if self.vision_feature_select_strategy == "default" else 0
+        patches = (height // self.patch_size) * (width // self.patch_size)
+        count = anyres_visionzip_token_count(self.compression, (best_height // height, best_width // width), patches, stock)
         # Both stock callers (replace_image_token, _get_num_multimodal_tokens) subtract the CLS of the base view
-        # under the "default" strategy; VisionZip keeps every view's CLS, so it is counted back here.
+        # under the "default" strategy; the count here is final, so that CLS is counted back.
         return count + (1 if self.vision_feature_select_strategy == "default" else 0)
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:

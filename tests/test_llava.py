@@ -137,19 +137,22 @@ def test_legacy_layout_loads_into_the_base_model(stock_checkpoint, stock, tmp_pa
 # --- placeholders and batching -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("compression", [NONE, VISIONZIP, {"method": "visionzip", "dominant": 1, "contextual": 1}])
+@pytest.mark.parametrize("compression", [NONE, VISIONZIP, {"method": "visionzip", "dominant": 1, "contextual": 1},
+                                         {"method": "cdpruner", "tokens": 20}, {"method": "divprune", "ratio": 0.098}])
 def test_processor_writes_as_many_placeholders_as_the_model_consumes(stock_checkpoint, slim, compression):
     slim.set_compression(compression)
     processor = slim_processor(stock_checkpoint, slim.config.compression)
     inputs = processor(images=random_images(3), text=PROMPTS, return_tensors="pt", padding=True)
     counts = (inputs["input_ids"] == IMAGE_TOKEN_ID).sum(dim=1).tolist()
     assert counts == [slim.image_token_count()] * 3
-    expected = {"none": 576, "visionzip": compression.get("dominant", 0) + compression.get("contextual", 0)}
+    expected = {"none": 576, "visionzip": compression.get("dominant", 0) + compression.get("contextual", 0),
+                "cdpruner": 20, "divprune": 56}  # DivPrune's official ratio 0.098 of 576
     assert slim.image_token_count() == expected[compression["method"]]
     # The count transformers' serving code asks the processor for agrees too.
     assert processor._get_num_multimodal_tokens(image_sizes=[(48, 48), (60, 80)]).num_image_tokens == [slim.image_token_count()] * 2
     with torch.no_grad():
-        features = slim.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
+        relevance = {key: value for key, value in inputs.items() if key.startswith("relevance_")}
+        features = slim.model.get_image_features(pixel_values=inputs["pixel_values"], **relevance).pooler_output
         logits = slim(**inputs).logits
     assert [f.shape[0] for f in features] == [slim.image_token_count()] * 3
     assert logits.shape[:2] == inputs["input_ids"].shape

@@ -149,15 +149,28 @@ def test_visionzip_equals_the_independent_recomputation(images, attn, split):
 
 @pytest.mark.parametrize("compression", [{"method": "visionzip", "dominant": 54, "contextual": 10},
                                          {"method": "visionzip", "tokens": 13}, {"method": "none"},
-                                         {"method": "sparsevlm", "version": "1.5", "layers": [0], "budgets": [64]}])
+                                         {"method": "sparsevlm", "version": "1.5", "layers": [0], "budgets": [64]},
+                                         {"method": "cdpruner", "tokens": 16}, {"method": "divprune", "tokens": 40},
+                                         {"method": "divprune", "ratio": 0.098, "scope": "view"},
+                                         {"method": "cdpruner", "tokens": 50, "scope": "image"}])
 def test_processor_writes_as_many_placeholders_as_the_model_produces(images, compression):
     model = slim_next(compression)
     processor = slim_processor(model.config.compression)
     inputs = processor(images=images, text=[PROMPT] * 3, return_tensors="pt", padding=True)
+    relevance = {key: value for key, value in inputs.items() if key.startswith("relevance_")}
     with torch.no_grad():
-        features = model.model.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"])
+        features = model.model.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"],
+                                                  **relevance)
     counts = (inputs["input_ids"] == IMAGE_TOKEN_ID).sum(1).tolist()
     assert counts == [f.shape[0] for f in features.pooler_output]
+    if model.config.compression["method"] in ("cdpruner", "divprune"):
+        multimodal = processor._get_num_multimodal_tokens(image_sizes=[[image.height, image.width] for image in images])
+        assert multimodal.num_image_tokens == counts
+        if model.config.compression["scope"] == "view":
+            k = model.config.compression.get("tokens") or round(0.098 * 576)
+            assert counts == [5 * k, 3 * k, 4 * k] == [model.pruned_token_count(size) for size in inputs["image_sizes"]]
+        else:
+            assert counts == [model.config.compression["tokens"]] * 3
     if model.config.compression["method"] == "visionzip":
         k = model.config.compression["dominant"] + model.config.compression["contextual"]
         assert counts == [5 * k, 3 * k, 4 * k]  # 2x2, 1x2, 3x1 grids
@@ -182,7 +195,8 @@ def greedy_without_cache(model, inputs, steps, **extra):
 SETTINGS = dict(max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0)
 METHODS = [{"method": "none"}, {"method": "visionzip", "dominant": 54, "contextual": 10},
            {"method": "sparsevlm", "version": "1.5", "layers": [0], "budgets": [64]},
-           {"method": "sparsevlm", "version": "2.0", "layers": [0], "budgets": [64]}]
+           {"method": "sparsevlm", "version": "2.0", "layers": [0], "budgets": [64]},
+           {"method": "cdpruner", "tokens": 16}, {"method": "divprune", "tokens": 40}]
 # SparseVLM v2.0 divides by the RoPE gravity, which needs a realistic head_dim for a floor (see sparsevlm.gravity_floor).
 HEAD_DIM_128 = dict(text_hidden=128, heads=1, kv_heads=1)
 

@@ -522,7 +522,8 @@ def test_conversion_fails_on_an_unknown_key(tmp_path):
 
 
 METHODS = [{"method": "none"}, {"method": "visionzip", "dominant": 54, "contextual": 10},
-           {"method": "sparsevlm", "version": "1.5", "layers": [0], "budgets": [64]}]
+           {"method": "sparsevlm", "version": "1.5", "layers": [0], "budgets": [64]},
+           {"method": "cdpruner", "tokens": 16}, {"method": "divprune", "tokens": 16}]
 
 
 @pytest.mark.parametrize("compression", METHODS)

@@ -25,6 +25,7 @@ VISIONZIP = {"method": "visionzip", "dominant": 54, "contextual": 10}
 PROMPT = "USER: <image>\n what is the color of the circle ? ASSISTANT:"
 NEW_TOKENS = 8
 SHIPPED = {"configuration_slimvlm.py", "modeling_llava.py", "modeling_slimvlm.py", "compat.py", "visionzip.py", "sparsevlm.py",
+           "cdpruner.py",
            "voco.py", "processing_slimvlm.py"}
 
 # Runs in a fresh interpreter outside the repository. Its first statement makes `import slimvlm` impossible.

@@ -193,13 +193,18 @@ def test_per_frame_visionzip_equals_the_independent_recomputation(attn):
 
 
 @pytest.mark.parametrize("compression", [{"method": "none"}, {"method": "visionzip", "tokens": 13, "video_tokens": 9},
-                                         {"method": "sparsevlm", "version": "1.5", "layers": [0], "budgets": [64]}])
+                                         {"method": "sparsevlm", "version": "1.5", "layers": [0], "budgets": [64]},
+                                         {"method": "cdpruner", "tokens": 6}, {"method": "divprune", "ratio": 0.1},
+                                         {"method": "divprune", "ratio": 0.1, "scope": "image"},
+                                         {"method": "cdpruner", "tokens": 5, "scope": "image"}])
 def test_processor_writes_as_many_placeholders_as_the_model_produces(videos, images, compression):
     model = slim_video(compression)
     inputs = mixed_inputs(slim_processor(model.config.compression), videos, images)
+    relevance = {key: value for key, value in inputs.items() if key.startswith("relevance_")}
+    video_relevance = {key: relevance.pop(key) for key in list(relevance) if "video" in key}
     with torch.no_grad():
-        video = model.model.get_video_features(pixel_values_videos=inputs["pixel_values_videos"]).pooler_output
-        image = model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
+        video = model.model.get_video_features(pixel_values_videos=inputs["pixel_values_videos"], **video_relevance).pooler_output
+        image = model.model.get_image_features(pixel_values=inputs["pixel_values"], **relevance).pooler_output
     assert int((inputs["input_ids"] == VIDEO_ID).sum()) == video.shape[0] * video.shape[1] == model.video_token_count(4)
     assert int((inputs["input_ids"] == IMAGE_TOKEN_ID).sum()) == image.shape[1] == model.image_token_count()
 
@@ -254,7 +259,8 @@ def greedy_without_cache(model, inputs, steps, **extra):
 
 
 METHODS = [{"method": "none"}, {"method": "visionzip", "dominant": 10, "contextual": 3},
-           {"method": "sparsevlm", "version": "1.5", "layers": [0], "budgets": [64]}]
+           {"method": "sparsevlm", "version": "1.5", "layers": [0], "budgets": [64]},
+           {"method": "cdpruner", "tokens": 6}, {"method": "divprune", "tokens": 5, "scope": "image"}]
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])

@@ -25,6 +25,7 @@ def convert_to_slim(
     progress: Callable[[str], None] | None = None,
     vision_tower: str | os.PathLike | None = None,
     vision_tower_aux: str | os.PathLike | None = None,
+    relevance_encoder: str | os.PathLike | None = None,
 ) -> Path:
     """Load `source` (hub id or folder, current or legacy llava-hf layout, or a folder of the original LLaVA
     code's layout) with `compression` and save a slim checkpoint.
@@ -36,6 +37,8 @@ def convert_to_slim(
     vision_tower: for an original-layout source, the CLIP tower (`llava_original.convert_original_llava`).
     vision_tower_aux: for an original Mini-Gemini folder, the open_clip ConvNeXt used when the checkpoint has no
         aux tower weights (`mini_gemini_original.convert_original_mgm`).
+    relevance_encoder: CDPruner's CLIP (Hub id or folder): its text tower, projections and tokenizer are fetched
+        once here and stored inside the checkpoint (`relevance.attach_relevance_encoder`); stock layouts only.
 
     Raises:
         FileExistsError: `output` exists and `overwrite` is False.
@@ -53,10 +56,18 @@ def convert_to_slim(
                                     progress=step)
     base_model = hub_model_id(base_model or source)
     if is_original_llava_folder(source):
+        if relevance_encoder is not None:
+            raise ValueError("relevance_encoder needs a stock-layout source; convert the original folder first")
         return convert_original_to_slim(source, output, compression, base_model, overwrite, step, vision_tower)
     step(f"reading the config and processor of {source}")
     family = family_of(source)
-    config = family.config.from_pretrained(source, compression=compression)
+    if relevance_encoder is not None:
+        from ..configuration_slimvlm import normalize_compression
+
+        normalize_compression(compression, relevance_encoder=True)  # the schema, before any weights load
+        config = family.config.from_pretrained(source)
+    else:
+        config = family.config.from_pretrained(source, compression=compression)
     if config.compression["method"] == "voco":
         from transformers import AutoTokenizer
 
@@ -69,6 +80,13 @@ def convert_to_slim(
             f"{source} does not provide every weight of {family.generation.__name__}: "
             f"missing {sorted(info['missing_keys'])[:10]}, mismatched {sorted(info['mismatched_keys'])[:10]}"
         )
+    if relevance_encoder is not None:
+        from .relevance import attach_relevance_encoder
+
+        step(f"adding the relevance encoder from {relevance_encoder}")
+        attach_relevance_encoder(model, relevance_encoder, processor=processor)
+        model.set_compression(compression)
+        processor.set_compression(model.config.compression)
 
     step(f"writing {output}")
     with atomic_folder(output) as staging:

@@ -46,6 +46,9 @@ def demo_settings(num_text_layers: int) -> list[tuple[str, dict]]:
         settings.append((f"visionzip {tokens}", {"method": "visionzip", "tokens": tokens}))
     for preset in (192, 64):
         settings.append((f"sparsevlm {preset} (preset budgets)", sparsevlm_setting(num_text_layers, preset)))
+    # At VisionZip's 64 tokens, on the same questions; CDPruner conditions on the question (LLM-embedding relevance).
+    settings.append(("cdpruner 64", {"method": "cdpruner", "tokens": 64, "relevance": "llm_embeddings"}))
+    settings.append(("divprune 64", {"method": "divprune", "tokens": 64}))
     return settings
 
 
@@ -62,8 +65,9 @@ def answer_llava(model, processor, samples, prompt_builder, batch_size: int = 16
     answers, kv = [], []
     for start in range(0, len(samples), batch_size):
         batch = samples[start : start + batch_size]
+        question = {"instructions": [s.question for s in batch]} if model.config.compression["method"] == "cdpruner" else {}
         inputs = processor(text=[prompt_builder(s.question) for s in batch], images=[s.image for s in batch],
-                           padding=True, return_tensors="pt")
+                           padding=True, return_tensors="pt", **question)
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
         out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
         answers += processor.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)

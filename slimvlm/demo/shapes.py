@@ -364,8 +364,11 @@ def evaluate(model: Any, processor: Any, samples: Sequence[Sample], batch_size: 
     correct = 0
     for i in range(0, len(samples), batch_size):
         batch = samples[i:i + batch_size]
+        # CDPruner conditions on the question alone, as the papers' evaluation does (specs/cdpruner.md §5.1).
+        question = ({"instructions": [s.question for s in batch]}
+                    if getattr(processor, "compression", {}).get("method") == "cdpruner" else {})
         inputs = processor(text=[build_prompt(s.question) for s in batch], images=[s.image for s in batch],
-                           padding=True, return_tensors="pt")
+                           padding=True, return_tensors="pt", **question)
         inputs = inputs.to(model.device)
         if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
             inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)

@@ -82,6 +82,20 @@ def _choice(name: str, value, allowed: tuple[str, ...]) -> str:
     return value
 
 
+# The answer-format suffixes the official CDPruner evaluation strips from the instruction (specs/cdpruner.md §5.1).
+ANSWER_FORMAT_SUFFIXES = ("\nAnswer the question using a single word or phrase.",
+                          "\nAnswer with the option's letter from the given choices directly.")
+
+
+def cdpruner_instruction(context: str) -> str:
+    """A task's context as CDPruner's instruction: the question, its answer-format suffix removed."""
+    context = context.strip()
+    for suffix in ANSWER_FORMAT_SUFFIXES:
+        if context.endswith(suffix):
+            return context[: -len(suffix)].strip()
+    return context
+
+
 class SlimVLM(lmms):
     """lmms-eval backend around a Slim model (`generate_until`; batched with left padding)."""
 
@@ -239,7 +253,11 @@ class SlimVLM(lmms):
     def _generate_llava(self, contexts, images, settings, task) -> tuple[torch.Tensor, BatchRecord]:
         prompts = [self.prompt(context, len(imgs)) for context, imgs in zip(contexts, images)]
         flat = [image for imgs in images for image in imgs]
-        inputs = self.processor(text=prompts, images=flat or None, padding=True, return_tensors="pt").to(self._input_device)
+        # CDPruner conditions on the question alone, without the answer-format suffix (specs/cdpruner.md §5.1).
+        question = ({"instructions": [cdpruner_instruction(context) for context in contexts]}
+                    if self.model.config.compression["method"] == "cdpruner" else {})
+        inputs = self.processor(text=prompts, images=flat or None, padding=True, return_tensors="pt",
+                                **question).to(self._input_device)
         if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         output = self.model.generate(**inputs, **settings)
