@@ -199,14 +199,23 @@ def test_left_padded_mixed_grid_batch_generates_what_each_sample_generates_alone
     assert_batch_generates_what_each_sample_generates_alone(model, processor, images, prompts)
 
 
-def assert_batch_generates_what_each_sample_generates_alone(model, processor, images, prompts):
-    """A left-padded batch generates what each (image, prompt) generates alone, and generate() with a cache
-    equals a cache-free greedy loop (SparseVLM: replaying the batch prefill's plan)."""
-    batch = processor(images=images, text=prompts, return_tensors="pt", padding=True)
+def media_inputs(images, videos) -> dict:
+    """processor keyword arguments for samples' images and videos (None: the sample has none)."""
+    media = {"images": [image for image in images if image is not None],
+             "videos": [video for video in videos if video is not None]}
+    return {key: value for key, value in media.items() if value}
+
+
+def assert_batch_generates_what_each_sample_generates_alone(model, processor, images, prompts, videos=None):
+    """A left-padded batch generates what each (image or video, prompt) generates alone, and generate() with a
+    cache equals a cache-free greedy loop (SparseVLM: replaying the batch prefill's plan). `images[i]`,
+    `videos[i]`: sample i's image and video (None where it has none; `videos` None: no videos)."""
+    videos = [None] * len(prompts) if videos is None else videos
+    batch = processor(**media_inputs(images, videos), text=prompts, return_tensors="pt", padding=True)
     with torch.no_grad():
         together = model.generate(**batch, **SETTINGS)[:, batch["input_ids"].shape[1]:]
-        for i, (image, prompt) in enumerate(zip(images, prompts)):
-            alone = processor(images=[image], text=[prompt], return_tensors="pt")
+        for i, (image, video, prompt) in enumerate(zip(images, videos, prompts)):
+            alone = processor(**media_inputs([image], [video]), text=[prompt], return_tensors="pt")
             assert together[i].tolist() == model.generate(**alone, **SETTINGS)[0, alone["input_ids"].shape[1]:].tolist()
         together = model.generate(**batch, **SETTINGS)[:, batch["input_ids"].shape[1]:]
     plan = {"sparsevlm_plan": model.sparsevlm_report.steps} if model.config.compression["method"] == "sparsevlm" else {}

@@ -24,12 +24,15 @@ from builders import (
     tiny_onevision_config,
     video_token_id,
 )
+from test_llava_next import SETTINGS, assert_batch_generates_what_each_sample_generates_alone, greedy_without_cache
 from test_remote_code import check_auto_classes, check_remote_round_trip
 from transformers import LlavaOnevisionForConditionalGeneration, SiglipVisionConfig, SiglipVisionModel
 from transformers.image_processing_utils import select_best_resolution
 
 from slimvlm import SlimLlavaOnevisionConfig, SlimLlavaOnevisionForConditionalGeneration, SlimLlavaOnevisionProcessor
+from slimvlm.sparsevlm import sparsevlm_schedule
 from slimvlm.visionzip import attention_received
+from slimvlm.voco import build_voco_prompt, build_voco_text_prompt
 
 GRIDS = [(1, 2), (1, 1), (1, 3), (2, 2)]
 SIDE = OV_SIDE // 14  # 4 x 4 = 16 patches per view
@@ -322,3 +325,95 @@ def test_processor_writes_as_many_placeholders_as_the_model_produces(images, vid
         assert count == features.pooler_output.shape[1] == model.video_token_count(frames)
         assert count == (frames * 4 + 1 if k is None else frames * k_f + 1)
         assert processor._get_num_multimodal_tokens(video_sizes=[(frames, 56, 56)]).num_video_tokens == [count]
+
+
+# ------------------------------------------------------------------------------- batching and generation
+
+
+SPARSEVLM = [{"method": "sparsevlm", "version": "1.5", "layers": [0], "budgets": [64]},
+             {"method": "sparsevlm", "version": "2.0", "layers": [0], "budgets": [64]}]
+HEAD_DIM_128 = dict(text_hidden=128, heads=1, kv_heads=1)  # SparseVLM v2.0's gravity floor needs a realistic head_dim
+
+
+@pytest.mark.parametrize("compression", [{"method": "none"}, VZ, *SPARSEVLM])
+def test_left_padded_mixed_batch_generates_what_each_sample_generates_alone(images, videos, compression):
+    """Mixed grids (1x2, 1x1, 2x2) and a video row in one left-padded batch; generate() with a cache = a
+    cache-free greedy loop."""
+    model = slim_ov(compression, **(HEAD_DIM_128 if compression.get("version") == "2.0" else {}))
+    processor = slim_processor(model.config.compression)
+    prompts = [PROMPT, "USER: <image>\n what ASSISTANT:", "USER: <image>\n how many red circle are there ? ASSISTANT:",
+               VIDEO_PROMPT]
+    assert_batch_generates_what_each_sample_generates_alone(model, processor, [images[0], images[1], images[3], None],
+                                                            prompts, videos=[None, None, None, videos[0]])
+
+
+def test_multi_image_batch_generates_what_each_sample_generates_alone(images):
+    model = slim_ov(VZ)
+    processor = slim_processor(VZ)
+    groups, prompts = [images[:2], images[2:3]], [MULTI_PROMPT, PROMPT]
+    batch = processor(images=groups, text=prompts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        together = model.generate(**batch, **SETTINGS)[:, batch["input_ids"].shape[1]:]
+        for i in range(2):
+            alone = processor(images=[groups[i]], text=[prompts[i]], return_tensors="pt")
+            assert together[i].tolist() == model.generate(**alone, **SETTINGS)[0, alone["input_ids"].shape[1]:].tolist()
+    assert together.tolist() == greedy_without_cache(model, batch, 4).tolist()
+
+
+# --------------------------------------------------------------------------------------------- SparseVLM
+
+
+@pytest.mark.parametrize("version", ["1.5", "2.0"])
+def test_sparsevlm_prunes_the_whole_image_or_video_block(images, videos, version):
+    compression = {"method": "sparsevlm", "version": version, "layers": [0], "budgets": [64]}
+    model = slim_ov(compression, **(HEAD_DIM_128 if version == "2.0" else {}))
+    inputs = slim_processor(model.config.compression)(images=images[3:], videos=videos[:1], text=[PROMPT, VIDEO_PROMPT],
+                                                      return_tensors="pt", padding=True)
+    with torch.no_grad():
+        model(**inputs)
+    report = model.sparsevlm_report
+    spans = ((inputs["input_ids"] == IMAGE_TOKEN_ID) | (inputs["input_ids"] == VIDEO_ID)).sum(1).tolist()
+    assert report.visual_tokens == spans == [88, 33]  # 2x2 image: 16 + 8x8 unpadded + 8 newlines; 8 frames x 4 + 1
+    for v, counts in zip(spans, report.layer_counts):
+        assert counts == sparsevlm_schedule(model.config.compression, v, 2).after
+    with pytest.raises(ValueError, match="one image per sample"):
+        multi = slim_processor(model.config.compression)(images=[images[:2]], text=[MULTI_PROMPT], return_tensors="pt")
+        model(**multi)
+
+
+# -------------------------------------------------------------------------------------------------- VoCo
+
+
+def voco_ov(num_voco: int = 2, attn: str = "eager") -> SlimLlavaOnevisionForConditionalGeneration:
+    model = slim_ov({"method": "voco", "num_voco_tokens": num_voco}, attn=attn)
+    model.config.voco_token_id = VOCO_ID
+    sharpen_language_model(model)  # masking and position errors must show in the logits
+    return model
+
+
+def test_voco_two_stage_equals_the_full_mask_forward_for_images_and_videos(images, videos):
+    model = voco_ov(2)
+    processor = slim_processor(model.config.compression)
+    questions = ["what is the color of the circle ?", "how many are there ?", "describe"]
+    prompts = [build_voco_prompt(q) for q in questions]
+    prompts[2] = prompts[2].replace("<image>", "<video>")
+    inputs = processor(images=[images[0], images[3]], videos=videos[:1], text=prompts, return_tensors="pt", padding=True)
+    for row in inputs["input_ids"]:  # one VoCo group after the whole image or video block
+        voco = (row == VOCO_ID).nonzero().flatten()
+        visual = ((row == IMAGE_TOKEN_ID) | (row == VIDEO_ID)).nonzero().flatten()
+        assert len(voco) == 2 and int(voco[0]) > int(visual[-1])
+    text = processor.tokenizer([build_voco_text_prompt(q) for q in questions], add_special_tokens=False,
+                               return_tensors="pt", padding=True)
+    with torch.no_grad():
+        full = model(**inputs).logits
+        cache = model.voco_compress(**inputs)
+        staged = model(**text, voco_cache=cache).logits
+    after = torch.arange(inputs["input_ids"].shape[1])[None] > (inputs["input_ids"] == VOCO_ID).int().argmax(1, keepdim=True) + 1
+    diffs = [float((full[b, after[b] & inputs["attention_mask"][b].bool()] - staged[b, text["attention_mask"][b].bool()]).abs().max())
+             for b in range(3)]
+    assert float(full.abs().max()) > 1.0
+    assert max(diffs) <= 1e-4, diffs
+    with torch.no_grad():  # generate() from the cache = the full masked greedy recompute
+        cached = model.generate(**text, voco_cache=cache, **SETTINGS)[:, text["input_ids"].shape[1]:]
+        recomputed = greedy_without_cache(model, inputs, 4)
+    assert cached.tolist() == recomputed.tolist()
