@@ -42,12 +42,14 @@ def video_frames_tensor(video) -> torch.Tensor:
 
 
 class OnevisionFrameProcessor:
-    """OneVision's video preprocessing without torchvision: the stock `LlavaOnevisionVideoProcessor` math.
+    """OneVision's video preprocessing without torchvision: what the stock `LlavaOnevisionVideoProcessor` computes
+    on the CPU.
 
-    Per frame: RGB; resize to `size` (height, width) with bicubic antialiased interpolation on the uint8 frame
-    (computed in float32, clamped to [0, 255] and rounded back to uint8, as torchvision resizes uint8 tensors);
-    then (x - mean / r) / (std / r) in float32 (the fused rescale by r = `rescale_factor` and normalisation).
-    No frame sampling (the stock default `do_sample_frames=False`). Returns `pixel_values_videos` [videos, F, 3, H, W].
+    Per frame: RGB; resize the uint8 frame to `size` (height, width) with antialiased bicubic interpolation on
+    uint8 (torchvision's CPU kernel for uint8 bicubic is torch's native uint8 `interpolate`; a frame already at
+    `size` is left as it is); then the fused rescale and normalisation in float32, (x - mean/r) / (std/r) with
+    r = `rescale_factor`. No frame sampling (the stock default `do_sample_frames=False`).
+    Returns `pixel_values_videos` [videos, F, 3, H, W].
     """
 
     def __init__(self, size: tuple[int, int] = (384, 384), image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5),
@@ -57,21 +59,29 @@ class OnevisionFrameProcessor:
         self.rescale_factor = rescale_factor
 
     @classmethod
-    def from_image_processor(cls, image_processor) -> "OnevisionFrameProcessor":
-        """Frames at the image processor's view size, mean, std and rescale factor."""
-        size = image_processor.size
-        side = (size["height"], size["width"]) if "height" in size else (size["shortest_edge"],) * 2
-        return cls(side, image_processor.image_mean, image_processor.image_std, image_processor.rescale_factor)
+    def from_settings(cls, settings: dict) -> "OnevisionFrameProcessor":
+        """From a video preprocessor config's fields (`size`, `image_mean`, `image_std`, `rescale_factor`)."""
+        size = settings.get("size") or {"height": 384, "width": 384}
+        if isinstance(size, dict):
+            size = (size["height"], size["width"]) if "height" in size else (size["shortest_edge"],) * 2
+        unknown = sorted(set(settings) - {"size", "image_mean", "image_std", "rescale_factor"})
+        if unknown:
+            raise ValueError(f"video_preprocessing has unknown key(s) {unknown}; allowed: size, image_mean, image_std, "
+                             "rescale_factor")
+        return cls(tuple(size), settings.get("image_mean", (0.5,) * 3), settings.get("image_std", (0.5,) * 3),
+                   settings.get("rescale_factor", 1 / 255))
 
     def __call__(self, videos, return_tensors=None, **kwargs) -> BatchFeature:
-        mean = torch.tensor(self.image_mean, dtype=torch.float32)[:, None, None] / self.rescale_factor
-        std = torch.tensor(self.image_std, dtype=torch.float32)[:, None, None] / self.rescale_factor
+        mean = torch.tensor(self.image_mean, dtype=torch.float32)[:, None, None] * (1.0 / self.rescale_factor)
+        std = torch.tensor(self.image_std, dtype=torch.float32)[:, None, None] * (1.0 / self.rescale_factor)
         processed = []
         for video in make_batched_videos(videos):
-            frames = video_frames_tensor(video).float()
-            frames = F.interpolate(frames, size=self.size, mode="bicubic", align_corners=False, antialias=True)
-            frames = frames.clamp_(0, 255).round_()
-            processed.append((frames - mean) / std)
+            frames = video_frames_tensor(video)
+            if frames.dtype != torch.uint8:
+                raise TypeError(f"video frames must be uint8 (0-255) PIL images, arrays or tensors, got {frames.dtype}")
+            if tuple(frames.shape[-2:]) != self.size:
+                frames = F.interpolate(frames, size=self.size, mode="bicubic", align_corners=False, antialias=True)
+            processed.append((frames.float() - mean) / std)
         if len({tuple(video.shape) for video in processed}) > 1:
             raise ValueError(f"videos in one batch need the same number of frames; got {[v.shape[0] for v in processed]}")
         return BatchFeature({"pixel_values_videos": torch.stack(processed)}, tensor_type=return_tensors)
@@ -90,7 +100,7 @@ class SlimLlavaOnevisionProcessor(SlimProcessorMixin, LlavaOnevisionProcessor):
 
     def __init__(self, image_processor=None, tokenizer=None, num_image_tokens=None, vision_feature_select_strategy=None,
                  chat_template=None, image_token="<image>", video_token="<video>", vision_aspect_ratio="anyres_max_9",
-                 compression: dict | None = None, **kwargs):
+                 compression: dict | None = None, video_preprocessing: dict | None = None, **kwargs):
         kwargs.pop("video_processor", None)  # frames go through `OnevisionFrameProcessor` (no torchvision)
         self.num_image_tokens = num_image_tokens
         self.vision_feature_select_strategy = vision_feature_select_strategy
@@ -99,13 +109,38 @@ class SlimLlavaOnevisionProcessor(SlimProcessorMixin, LlavaOnevisionProcessor):
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
         self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
         self.vision_aspect_ratio = vision_aspect_ratio
+        if video_preprocessing is None and image_processor is not None:  # the image processor's view size, mean, std
+            video_preprocessing = {"size": dict(image_processor.size), "image_mean": list(image_processor.image_mean),
+                                   "image_std": list(image_processor.image_std),
+                                   "rescale_factor": image_processor.rescale_factor}
+        self.video_preprocessing = video_preprocessing
+        OnevisionFrameProcessor.from_settings(video_preprocessing or {})  # validated now, not at the first video
         ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template, **kwargs)
         self.set_compression(compression)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`ProcessorMixin.from_pretrained`; a stock folder's `video_preprocessor_config.json` (size, mean, std,
+        rescale factor) sets the frames' preprocessing unless `video_preprocessing` is given or saved."""
+        if "video_preprocessing" not in kwargs:
+            from transformers.utils import cached_file
+
+            hub = {key: kwargs[key] for key in ("revision", "token", "cache_dir", "local_files_only", "subfolder") if key in kwargs}
+            found = cached_file(pretrained_model_name_or_path, "video_preprocessor_config.json",
+                                _raise_exceptions_for_missing_entries=False, **hub)
+            if found is not None:
+                import json
+
+                with open(found) as handle:
+                    settings = json.load(handle)
+                kwargs["video_preprocessing"] = {key: settings[key] for key in
+                                                 ("size", "image_mean", "image_std", "rescale_factor") if key in settings}
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
     @property
     def video_processor(self) -> OnevisionFrameProcessor:
-        """The frames' preprocessing (`OnevisionFrameProcessor` at the image processor's size, mean and std)."""
-        return OnevisionFrameProcessor.from_image_processor(self.image_processor)
+        """The frames' preprocessing (`OnevisionFrameProcessor` with `video_preprocessing`)."""
+        return OnevisionFrameProcessor.from_settings(self.video_preprocessing or {})
 
     def _tokens_per_view(self) -> int | None:
         return self.num_image_tokens  # SigLIP: patches only

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from builders import (
@@ -417,3 +418,165 @@ def test_voco_two_stage_equals_the_full_mask_forward_for_images_and_videos(image
         cached = model.generate(**text, voco_cache=cache, **SETTINGS)[:, text["input_ids"].shape[1]:]
         recomputed = greedy_without_cache(model, inputs, 4)
     assert cached.tolist() == recomputed.tolist()
+
+
+# ------------------------------------------------------------------------------ video frames, no torchvision
+
+
+def reference_frames(video, size=(OV_SIDE, OV_SIDE), mean=0.5, std=0.5) -> torch.Tensor:
+    """The stock LlavaOnevisionVideoProcessor's steps on the CPU, frame by frame: the uint8 RGB frame, channels
+    first; torchvision's resize (bicubic, antialias) of a uint8 CPU tensor, which is torch's uint8 interpolate;
+    x / 255, then (x - mean) / std."""
+    frames = []
+    for frame in video:
+        chw = torch.from_numpy(np.asarray(frame)).permute(2, 0, 1)[None]
+        resized = torch.nn.functional.interpolate(chw, size=size, mode="bicubic", align_corners=False, antialias=True)
+        frames.append(((resized[0].double() / 255 - mean) / std).float())
+    return torch.stack(frames)
+
+
+def test_frames_are_preprocessed_as_the_stock_video_processor_without_torchvision(videos):
+    from PIL import Image
+
+    from slimvlm.processing_llava_onevision import OnevisionFrameProcessor
+
+    processor = slim_processor(None)
+    assert isinstance(processor.video_processor, OnevisionFrameProcessor)
+    expected = torch.stack([reference_frames(video) for video in videos])
+    forms = {"arrays": videos, "tensors": [torch.from_numpy(v) for v in videos],
+             "channels first": [torch.from_numpy(v).permute(0, 3, 1, 2) for v in videos],
+             "PIL frames": [[Image.fromarray(frame) for frame in v] for v in videos]}
+    for form, given in forms.items():
+        got = processor(videos=given, text=[VIDEO_PROMPT] * 2, return_tensors="pt", padding=True)["pixel_values_videos"]
+        assert got.shape == (2, 8, 3, OV_SIDE, OV_SIDE), form
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6, msg=form)
+    one = processor(videos=videos[0], text=[VIDEO_PROMPT], return_tensors="pt")["pixel_values_videos"]
+    torch.testing.assert_close(one, expected[:1], rtol=0, atol=1e-6)
+    with pytest.raises(TypeError, match="uint8"):
+        processor(videos=[videos[0].astype(np.float32) / 255], text=[VIDEO_PROMPT])
+    with pytest.raises(ValueError, match="same number of frames"):
+        processor(videos=[videos[0], videos[1][:3]], text=[VIDEO_PROMPT] * 2, padding=True)
+
+
+def test_a_stock_folders_video_preprocessor_config_sets_the_frames(tmp_path, videos):
+    import json
+
+    processor = slim_processor(None)
+    processor.save_pretrained(tmp_path)
+    assert not (tmp_path / "video_preprocessor_config.json").exists()  # AutoProcessor never needs torchvision
+    assert SlimLlavaOnevisionProcessor.from_pretrained(tmp_path).video_preprocessing == processor.video_preprocessing
+    (tmp_path / "video_preprocessor_config.json").write_text(json.dumps(
+        {"video_processor_type": "LlavaOnevisionVideoProcessor", "size": {"height": 28, "width": 28},
+         "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}))
+    loaded = SlimLlavaOnevisionProcessor.from_pretrained(tmp_path)
+    got = loaded(videos=videos[:1], text=[VIDEO_PROMPT], return_tensors="pt")["pixel_values_videos"]
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073])[:, None, None]
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711])[:, None, None]
+    expected = reference_frames(videos[0], (28, 28), mean.double(), std.double())
+    torch.testing.assert_close(got[0], expected, rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- remote code, auto, bnb
+
+
+def test_remote_code_round_trip_with_a_video(tmp_path, videos):
+    processor = slim_processor(VZ)
+    np.save(tmp_path / "video.npy", videos[0])
+    inputs = processor(text=[VIDEO_PROMPT], videos=videos[:1], return_tensors="pt")
+    result = check_remote_round_trip(slim_ov(VZ), processor, inputs, {"video": str(tmp_path / "video.npy")},
+                                     VIDEO_PROMPT, tmp_path, "modeling_llava_onevision.SlimLlavaOnevisionForConditionalGeneration",
+                                     "processing_llava_onevision.SlimLlavaOnevisionProcessor")
+    assert result["compression"] == VZ
+
+
+def test_remote_code_round_trip_with_an_image(tmp_path, images):
+    processor = slim_processor(VZ)
+    images[3].save(tmp_path / "image.png")
+    inputs = processor(images=[images[3]], text=[PROMPT], return_tensors="pt")
+    check_remote_round_trip(slim_ov(VZ), processor, inputs, {"image": str(tmp_path / "image.png")}, PROMPT, tmp_path,
+                            "modeling_llava_onevision.SlimLlavaOnevisionForConditionalGeneration",
+                            "processing_llava_onevision.SlimLlavaOnevisionProcessor")
+
+
+def test_auto_classes_resolve_to_slim_onevision(tmp_path):
+    from slimvlm import AutoSlimModel, AutoSlimProcessor
+
+    model = slim_ov(VZ)
+    reloaded = check_auto_classes(model, slim_processor(VZ), tmp_path / "slim")
+    assert reloaded.compression == VZ
+    stock = tmp_path / "stock"
+    LlavaOnevisionForConditionalGeneration(tiny_onevision_config()).save_pretrained(stock)
+    assert type(AutoSlimModel.from_pretrained(stock, compression=VZ)) is SlimLlavaOnevisionForConditionalGeneration
+
+
+@pytest.mark.quantization
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_loading_keeps_vision_side_full_precision(tmp_path, images, videos, bits):
+    pytest.importorskip("bitsandbytes")
+    slim_ov(text_hidden=64, vision_hidden=64).save_pretrained(tmp_path)  # bitsandbytes' 4-bit blocks need 64-wide rows
+    model = load_quantized(SlimLlavaOnevisionForConditionalGeneration, tmp_path, bits, compression=VZ)
+    assert all(type(m) is torch.nn.Linear for m in model.model.vision_tower.modules() if isinstance(m, torch.nn.Linear))
+    assert type(model.model.multi_modal_projector.linear_1) is torch.nn.Linear
+    assert type(model.lm_head) is torch.nn.Linear and model.model.image_newline.dtype == torch.float32
+    assert type(model.model.language_model.layers[0].self_attn.k_proj) is not torch.nn.Linear
+    processor = slim_processor(model.config.compression)
+    inputs = processor(images=images[:1], videos=videos[:1], text=[PROMPT, VIDEO_PROMPT], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        tokens = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert tokens.shape[0] == 2
+
+
+# --------------------------------------------------------------------------- behaves like the stock class
+
+
+def same(a, b) -> bool:
+    """Nested tuples/lists of tensors (or None) are equal element by element."""
+    if isinstance(a, (tuple, list)):
+        return isinstance(b, (tuple, list)) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return (a is None and b is None) or (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b))
+
+
+@pytest.mark.parametrize("compression", [{"method": "none"}, VZ])
+def test_get_features_return_dict_false_and_tower_outputs(images, videos, compression):
+    """return_dict=False gives a tuple; output_hidden_states / output_attentions come back as the stock tower's."""
+    model = slim_ov(compression, attn="eager")
+    stock = LlavaOnevisionForConditionalGeneration(tiny_onevision_config()).eval()
+    stock.load_state_dict(model.state_dict())
+    stock.model.vision_tower.config._attn_implementation = "eager"
+    inputs = slim_processor(model.config.compression)(images=images[3:], videos=videos[:1], text=[PROMPT, VIDEO_PROMPT],
+                                                      return_tensors="pt", padding=True)
+    pixel = dict(pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"])
+    with torch.no_grad():
+        as_dict = model.model.get_image_features(**pixel)
+        as_tuple = model.model.get_image_features(**pixel, return_dict=False)
+        ours = model.model.get_video_features(pixel_values_videos=inputs["pixel_values_videos"], output_hidden_states=True,
+                                              output_attentions=True)
+        theirs = stock.model.get_video_features(pixel_values_videos=inputs["pixel_values_videos"], output_hidden_states=True,
+                                                output_attentions=True)
+        plain = model.model.get_video_features(pixel_values_videos=inputs["pixel_values_videos"])
+    assert isinstance(as_tuple, tuple) and same(as_tuple, as_dict.to_tuple())
+    assert torch.equal(as_tuple[0], as_dict.last_hidden_state)
+    layers = model.config.vision_config.num_hidden_layers
+    assert len(ours.hidden_states) == layers + 1 and len(ours.attentions) == layers
+    for a, b in zip(ours.hidden_states + ours.attentions, theirs.hidden_states + theirs.attentions):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(ours.pooler_output, plain.pooler_output, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        full = model(**inputs, return_dict=False)
+        dense = model(**inputs)
+    assert isinstance(full, tuple) and torch.equal(full[0], dense.logits)
+
+
+def test_base_forward_has_the_stock_signature_and_stock_classes_stay_untouched(images):
+    import inspect
+
+    from transformers import LlavaOnevisionModel
+
+    stock_params = list(inspect.signature(LlavaOnevisionModel.forward).parameters)
+    assert list(inspect.signature(slim_ov().model.forward).parameters) == stock_params[1:]
+    before = LlavaOnevisionModel.get_image_features, LlavaOnevisionModel.forward, LlavaOnevisionModel.get_video_features
+    slim_ov(VZ)
+    assert (LlavaOnevisionModel.get_image_features, LlavaOnevisionModel.forward,
+            LlavaOnevisionModel.get_video_features) == before
+    # device_map="auto" keeps the stock vision block and decoder layer whole (declared by the stock sub-models).
+    assert {"SiglipEncoderLayer", "Qwen2DecoderLayer"} <= set(slim_ov()._no_split_modules)
