@@ -580,3 +580,41 @@ def test_base_forward_has_the_stock_signature_and_stock_classes_stay_untouched(i
             LlavaOnevisionModel.get_video_features) == before
     # device_map="auto" keeps the stock vision block and decoder layer whole (declared by the stock sub-models).
     assert {"SiglipEncoderLayer", "Qwen2DecoderLayer"} <= set(slim_ov()._no_split_modules)
+
+
+def test_model_card_says_what_visionzip_does_on_siglip(tmp_path):
+    model = slim_ov(VZ)
+    model.save_pretrained(tmp_path)
+    card = (tmp_path / "README.md").read_text()
+    assert "llava-onevision" in card and "attention received" in card and "CLS included" not in card
+    assert "(1 + anyres crops) x 4 per single image (20 for a 2x2 grid), 5 per image of a multi-image sample, 3 per video frame + 1" in card
+
+
+def test_cli_converts_a_stock_onevision_folder_and_answers(tmp_path, images, capsys):
+    import json
+
+    from slimvlm import AutoSlimProcessor
+    from slimvlm.cli import main
+
+    stock = tmp_path / "stock"
+    torch.manual_seed(0)
+    LlavaOnevisionForConditionalGeneration(tiny_onevision_config()).save_pretrained(stock)
+    # A llava-hf folder's processor files, written by hand: the stock processor cannot be built without torchvision.
+    make_onevision_image_processor().save_pretrained(stock)
+    make_video_tokenizer().save_pretrained(stock)
+    (stock / "processor_config.json").write_text(json.dumps({
+        "processor_class": "LlavaOnevisionProcessor", "num_image_tokens": SIDE * SIDE,
+        "vision_feature_select_strategy": "full", "vision_aspect_ratio": "anyres_max_9"}))
+    (stock / "video_preprocessor_config.json").write_text(json.dumps({
+        "video_processor_type": "LlavaOnevisionVideoProcessor", "size": {"height": OV_SIDE, "width": OV_SIDE},
+        "image_mean": [0.5] * 3, "image_std": [0.5] * 3, "rescale_factor": 1 / 255}))
+    assert type(AutoSlimProcessor.from_pretrained(stock, compression=VZ)) is SlimLlavaOnevisionProcessor
+    out = tmp_path / "slim"
+    assert main(["convert", str(stock), str(out), "--compression", json.dumps(VZ),
+                 "--base-model", "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"]) == 0
+    assert json.loads((out / "config.json").read_text())["model_type"] == "slim_llava_onevision"
+    images[3].save(tmp_path / "image.png")
+    capsys.readouterr()
+    assert main(["generate", "--model", str(out), "--image", str(tmp_path / "image.png"), "--question", "what",
+                 "--max-new-tokens", "2"]) == 0
+    assert "visual tokens 20," in capsys.readouterr().err  # (1 + 2x2) x 4
