@@ -618,3 +618,38 @@ def test_cli_converts_a_stock_onevision_folder_and_answers(tmp_path, images, cap
     assert main(["generate", "--model", str(out), "--image", str(tmp_path / "image.png"), "--question", "what",
                  "--max-new-tokens", "2"]) == 0
     assert "visual tokens 20," in capsys.readouterr().err  # (1 + 2x2) x 4
+
+
+def test_what_transformers_own_onevision_tests_check_holds_for_the_slim_classes(images):
+    """The checks of transformers' LlavaOnevision model tests, on the Slim classes with `none` (and VisionZip where
+    it applies): the same init as the stock class, inputs_embeds = input_ids, a list of feature layers under none,
+    half precision without NaN."""
+    config = tiny_onevision_config()
+    torch.manual_seed(0)
+    stock = LlavaOnevisionForConditionalGeneration(config).eval()
+    torch.manual_seed(0)
+    slim = SlimLlavaOnevisionForConditionalGeneration(SlimLlavaOnevisionConfig(**config.to_dict())).eval()
+    assert stock.state_dict().keys() == slim.state_dict().keys()
+    assert all(torch.equal(value, slim.state_dict()[key]) for key, value in stock.state_dict().items())
+    inputs = slim_processor(None)(images=images[:2], text=[PROMPT] * 2, return_tensors="pt", padding=True)
+    text_only = {key: value for key, value in inputs.items() if key not in ("pixel_values", "image_sizes", "batch_num_images")}
+    embeds = slim.get_input_embeddings()(text_only.pop("input_ids"))
+    with torch.no_grad():
+        torch.testing.assert_close(slim(input_ids=inputs["input_ids"], **text_only).logits,
+                                   slim(inputs_embeds=embeds, **text_only).logits)
+        assert torch.equal(slim(inputs_embeds=embeds, **text_only).logits, stock(inputs_embeds=embeds, **text_only).logits)
+    layered = tiny_onevision_config(vision_feature_layer=[-1, -2])
+    torch.manual_seed(0)
+    stock = LlavaOnevisionForConditionalGeneration(layered).eval()
+    slim = SlimLlavaOnevisionForConditionalGeneration(SlimLlavaOnevisionConfig(**layered.to_dict())).eval()
+    slim.load_state_dict(stock.state_dict())
+    assert slim.model.multi_modal_projector.linear_1.in_features == 2 * layered.vision_config.hidden_size
+    with torch.no_grad():
+        assert torch.equal(stock(**inputs).logits, slim(**inputs).logits)
+    for compression in ({"method": "none"}, VZ):
+        model = slim_ov(compression).to(torch.bfloat16)
+        half = slim_processor(model.config.compression)(images=images[3:], text=[PROMPT], return_tensors="pt")
+        half["pixel_values"] = half["pixel_values"].to(torch.bfloat16)
+        with torch.no_grad():
+            logits = model(**half).logits
+        assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
