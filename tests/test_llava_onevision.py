@@ -25,7 +25,12 @@ from builders import (
     tiny_onevision_config,
     video_token_id,
 )
-from test_llava_next import SETTINGS, assert_batch_generates_what_each_sample_generates_alone, greedy_without_cache
+from test_llava_next import (
+    SETTINGS,
+    assert_batch_generates_what_each_sample_generates_alone,
+    assert_voco_two_stage_equals_the_full_mask,
+    greedy_without_cache,
+)
 from test_remote_code import check_auto_classes, check_remote_round_trip
 from transformers import LlavaOnevisionForConditionalGeneration, SiglipVisionConfig, SiglipVisionModel
 from transformers.image_processing_utils import select_best_resolution
@@ -405,19 +410,7 @@ def test_voco_two_stage_equals_the_full_mask_forward_for_images_and_videos(image
         assert len(voco) == 2 and int(voco[0]) > int(visual[-1])
     text = processor.tokenizer([build_voco_text_prompt(q) for q in questions], add_special_tokens=False,
                                return_tensors="pt", padding=True)
-    with torch.no_grad():
-        full = model(**inputs).logits
-        cache = model.voco_compress(**inputs)
-        staged = model(**text, voco_cache=cache).logits
-    after = torch.arange(inputs["input_ids"].shape[1])[None] > (inputs["input_ids"] == VOCO_ID).int().argmax(1, keepdim=True) + 1
-    diffs = [float((full[b, after[b] & inputs["attention_mask"][b].bool()] - staged[b, text["attention_mask"][b].bool()]).abs().max())
-             for b in range(3)]
-    assert float(full.abs().max()) > 1.0
-    assert max(diffs) <= 1e-4, diffs
-    with torch.no_grad():  # generate() from the cache = the full masked greedy recompute
-        cached = model.generate(**text, voco_cache=cache, **SETTINGS)[:, text["input_ids"].shape[1]:]
-        recomputed = greedy_without_cache(model, inputs, 4)
-    assert cached.tolist() == recomputed.tolist()
+    assert_voco_two_stage_equals_the_full_mask(model, inputs, text, VOCO_ID)
 
 
 # ------------------------------------------------------------------------------ video frames, no torchvision
