@@ -79,8 +79,10 @@ def attention_received(query: torch.Tensor, key: torch.Tensor, scale: float,
     chunk = max(64, chunk_bytes // (4 * batch * heads * length))
     received = torch.zeros(batch, length, dtype=torch.float32, device=query.device)
     for start in range(0, length, chunk):
-        logits = torch.matmul(query[:, :, start:start + chunk], key).mul_(scale)  # [B, H, C, N]
-        received += torch.softmax(logits, dim=-1).sum(dim=(1, 2))
+        probs = torch.matmul(query[:, :, start:start + chunk], key).mul_(scale)  # [B, H, C, N] logits
+        probs.sub_(probs.amax(dim=-1, keepdim=True)).exp_()  # the softmax in place: one chunk buffer
+        probs.div_(probs.sum(dim=-1, keepdim=True))
+        received += probs.sum(dim=(1, 2))
     return received / (heads * length)
 
 
