@@ -606,6 +606,9 @@ def test_cli_converts_a_stock_onevision_folder_and_answers(tmp_path, images, cap
     assert main(["convert", str(stock), str(out), "--compression", json.dumps(VZ),
                  "--base-model", "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"]) == 0
     assert json.loads((out / "config.json").read_text())["model_type"] == "slim_llava_onevision"
+    # The stock video processor (torchvision) is not named in the slim folder; its frame settings travel instead.
+    assert not (out / "video_preprocessor_config.json").exists()
+    assert SlimLlavaOnevisionProcessor.from_pretrained(out).video_preprocessing["size"] == {"height": OV_SIDE, "width": OV_SIDE}
     images[3].save(tmp_path / "image.png")
     capsys.readouterr()
     assert main(["generate", "--model", str(out), "--image", str(tmp_path / "image.png"), "--question", "what",
