@@ -121,8 +121,9 @@ def inputs_for(model, visual: int, dtype: torch.dtype, seed: int = 0) -> dict:
 
 
 @torch.inference_mode()
-def measure(model, inputs: dict, repeats: int) -> dict:
-    model(**inputs, use_cache=True, logits_to_keep=1)  # warm-up
+def measure(model, inputs: dict, repeats: int, warmup: bool = True) -> dict:
+    if warmup:
+        model(**inputs, use_cache=True, logits_to_keep=1)
     times, peaks = [], []
     for _ in range(repeats):
         before = reset_peak_rss()

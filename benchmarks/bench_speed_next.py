@@ -78,16 +78,17 @@ def inputs_for(model, dtype: torch.dtype, seed: int = 0) -> dict:
 
 
 def compare_settings(model, config, dtype_name: str, rows_of: list[tuple[str, int, dict]], inputs_for, prefill_flops,
-                     visual_token_id: int, repeats: int) -> list[dict]:
-    """Measure every (method, tokens, compression) setting against the first (uncompressed) one in the same run."""
+                     visual_token_id: int, repeats: int, warmup: bool = True, dense: dict | None = None) -> list[dict]:
+    """Measure every (method, tokens, compression) setting against the first (uncompressed) one in the same run, or
+    against `dense` (a row this function returned earlier in the run)."""
     dtype = getattr(torch, dtype_name)
     model.to(dtype)
-    rows, dense = [], None
+    rows = []
     for method, tokens, compression in rows_of:
         model.set_compression(compression)
         inputs = inputs_for(model, dtype)
         visual = int((inputs["input_ids"] == visual_token_id).sum())
-        result = measure(model, inputs, repeats)
+        result = measure(model, inputs, repeats, warmup)
         result.pop("outputs")
         text = inputs["input_ids"].shape[1] - visual
         schedule = None

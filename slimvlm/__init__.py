@@ -18,6 +18,9 @@ from .modeling_llava import DEFAULT_QUANTIZATION_SKIP_MODULES, SlimLlavaForCondi
 from .modeling_llava_next import SlimLlavaNextForConditionalGeneration, SlimLlavaNextModel
 from .modeling_mini_gemini import SlimMiniGeminiForConditionalGeneration, SlimMiniGeminiModel
 from .modeling_video_llava import SlimVideoLlavaForConditionalGeneration, SlimVideoLlavaModel
+from .configuration_llava_onevision import SlimLlavaOnevisionConfig
+from .modeling_llava_onevision import SlimLlavaOnevisionForConditionalGeneration, SlimLlavaOnevisionModel
+from .processing_llava_onevision import SlimLlavaOnevisionProcessor
 from .processing_slimvlm import SlimLlavaNextProcessor, SlimLlavaProcessor, SlimMiniGeminiProcessor, SlimVideoLlavaProcessor
 from .auto import AutoSlimModel, AutoSlimProcessor
 from .voco import VoCoCache, VoCoDataCollator, add_voco_token, build_voco_prompt, build_voco_text_prompt, freeze_vision_tower
@@ -29,6 +32,8 @@ FAMILIES = (
     (SlimLlavaNextConfig, SlimLlavaNextModel, SlimLlavaNextForConditionalGeneration, SlimLlavaNextProcessor),
     (SlimMiniGeminiConfig, SlimMiniGeminiModel, SlimMiniGeminiForConditionalGeneration, SlimMiniGeminiProcessor),
     (SlimVideoLlavaConfig, SlimVideoLlavaModel, SlimVideoLlavaForConditionalGeneration, SlimVideoLlavaProcessor),
+    (SlimLlavaOnevisionConfig, SlimLlavaOnevisionModel, SlimLlavaOnevisionForConditionalGeneration,
+     SlimLlavaOnevisionProcessor),
 )
 for _config, _model, _generation, _processor in FAMILIES:
     AutoConfig.register(_config.model_type, _config, exist_ok=True)
@@ -47,6 +52,10 @@ __all__ = [
     "SlimLlavaNextForConditionalGeneration",
     "SlimLlavaNextModel",
     "SlimLlavaNextProcessor",
+    "SlimLlavaOnevisionConfig",
+    "SlimLlavaOnevisionForConditionalGeneration",
+    "SlimLlavaOnevisionModel",
+    "SlimLlavaOnevisionProcessor",
     "SlimLlavaProcessor",
     "SlimMiniGeminiConfig",
     "SlimMiniGeminiForConditionalGeneration",

@@ -51,7 +51,8 @@ def _compression(text: str | None) -> dict | None:
     if not isinstance(value, dict):
         raise ValueError(f"--compression must be a JSON object such as '{EXAMPLE_COMPRESSION}', got {text!r}")
     try:
-        normalize_compression(value, relevance_encoder=None)  # the model says whether it has one
+        # Per-frame keys are allowed here; a family without videos refuses them when its config loads.
+        normalize_compression(value, video=True, relevance_encoder=None)  # the model says whether it has one
     except (TypeError, ValueError) as error:
         raise type(error)(f"--compression: {error}") from error
     return value

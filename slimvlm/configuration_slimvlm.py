@@ -116,7 +116,7 @@ def _visionzip_split(compression: dict, prefix: str, tokens_per_view: int | None
     if tokens_per_view is not None and dominant + contextual > tokens_per_view:
         raise ValueError(
             f"compression {dominant_key} + {contextual_key} = {dominant} + {contextual} = {dominant + contextual} "
-            f"exceeds the {tokens_per_view} tokens (CLS + patches) a view of this vision tower has"
+            f"exceeds the {tokens_per_view} tokens (CLS + patches, or patches alone without CLS) a view of this vision tower has"
         )
     return dominant, contextual
 
@@ -125,9 +125,10 @@ VIDEO_VISIONZIP_KEYS = {"video_dominant", "video_contextual", "video_tokens"}
 
 
 def _normalize_visionzip(compression: dict, tokens_per_view: int | None, vision_feature_layer=None,
-                         video: bool = False) -> dict:
+                         video: bool | tuple[int, int] = False) -> dict:
     """Image counts `dominant`/`contextual` (or `tokens`); on video-capable configs also the per-frame
-    `video_dominant`/`video_contextual` (or `video_tokens`), default 14/3 (specs/visionzip.md §7.3)."""
+    `video_dominant`/`video_contextual` (or `video_tokens`), default 14/3 (specs/visionzip.md §7.3) or the
+    family's default split when `video` is a (dominant, contextual) pair (LLaVA-OneVision: 54/10)."""
     allowed = {"dominant", "contextual", "tokens"} | (VIDEO_VISIONZIP_KEYS if video else set())
     video_keys = sorted(VIDEO_VISIONZIP_KEYS & set(compression))
     if video_keys and not video:
@@ -145,7 +146,13 @@ def _normalize_visionzip(compression: dict, tokens_per_view: int | None, vision_
     dominant, contextual = _visionzip_split(compression, "", tokens_per_view)
     out = {"method": "visionzip", "dominant": dominant, "contextual": contextual}
     if video:
-        split = _visionzip_split(compression, "video_", tokens_per_view) if video_keys else VISIONZIP_VIDEO_SPLIT
+        default = tuple(video) if isinstance(video, tuple) else VISIONZIP_VIDEO_SPLIT
+        split = _visionzip_split(compression, "video_", tokens_per_view) if video_keys else default
+        if tokens_per_view is not None and sum(split) > tokens_per_view:
+            raise ValueError(
+                f"the default per-frame VisionZip split {split[0]} + {split[1]} exceeds the {tokens_per_view} tokens a "
+                "view of this vision tower has; give 'video_tokens' (or 'video_dominant' + 'video_contextual')"
+            )
         out["video_dominant"], out["video_contextual"] = split
     return out
 
@@ -332,7 +339,7 @@ def normalize_compression(
     tokens_per_view: int | None = None,
     num_text_layers: int | None = None,
     vision_feature_layer: int | list[int] | None = None,
-    video: bool = False,
+    video: bool | tuple[int, int] = False,
     default_scope: str = "view",
     relevance_encoder: bool | None = False,
 ) -> dict:
@@ -343,7 +350,8 @@ def normalize_compression(
         tokens_per_view: CLS + patches of one vision-tower view, to bound VisionZip's `dominant + contextual`.
         num_text_layers: language-model depth, to bound SparseVLM's prune layers.
         vision_feature_layer: the config's feature layer(s); VisionZip needs exactly one.
-        video: the model also takes videos (Video-LLaVA): VisionZip then has per-frame counts too.
+        video: the model also takes videos (Video-LLaVA): VisionZip then has per-frame counts too; a
+            (dominant, contextual) pair is the family's default per-frame split (LLaVA-OneVision: (54, 10)).
         default_scope: DivPrune's scope when not given ("image" on LLaVA-NeXT, the official global block).
         relevance_encoder: the checkpoint holds CDPruner's CLIP relevance encoder (then `relevance` defaults to "clip");
             None: unknown (processors), "clip" is then allowed but not the default.

@@ -27,7 +27,7 @@ METHOD_TAGS = {"visionzip": "visionzip", "sparsevlm": "sparsevlm", "voco": "voco
 # for which the Hub wants no relation (it infers one from the files).
 BASE_MODEL_RELATIONS = {"voco": "finetune"}
 FAMILY_TAGS = {"slim_llava": "llava", "slim_llava_next": "llava-next", "slim_video_llava": "video-llava",
-               "slim_mini_gemini": "mini-gemini"}
+               "slim_mini_gemini": "mini-gemini", "slim_llava_onevision": "llava-onevision"}
 METHOD_NOTES = {
     "none": "No compression: the stock model, wrapped.",
     "visionzip": (
@@ -81,6 +81,16 @@ def hub_model_id(name: str | Path) -> str:
         )
     return text
 
+# Where a family's method differs from the note above (a tower without CLS).
+FAMILY_METHOD_NOTES = {
+    ("llava-onevision", "visionzip"): (
+        "VisionZip (training-free) on SigLIP, which has no CLS token: every 729-patch view keeps {dominant} dominant "
+        "patches (the most attention received, head-averaged, at the layer whose output becomes the features) and "
+        "{contextual} contextual tokens (the rest merged by key similarity), before the projector: {tokens} visual "
+        "tokens reach the language model."
+    ),
+}
+
 
 def model_card(
     compression: dict,
@@ -123,7 +133,7 @@ def model_card(
     body = [
         f"# {model_name or title}",
         "",
-        METHOD_NOTES[method].format(**{**compression, "tokens": tokens_per_image}),
+        FAMILY_METHOD_NOTES.get((family, method), METHOD_NOTES[method]).format(**{**compression, "tokens": tokens_per_image}),
         "",
         "```python",
         "from transformers import AutoModelForImageTextToText, AutoProcessor",

@@ -16,50 +16,22 @@ from __future__ import annotations
 import torch
 from transformers import LlavaNextForConditionalGeneration, LlavaNextModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.models.llava_next.modeling_llava_next import (
-    LlavaNextModelOutputWithPast,
-    get_anyres_image_grid_shape,
-    image_size_to_num_patches,
-)
+from transformers.models.llava_next.modeling_llava_next import LlavaNextModelOutputWithPast
 
 from .compat import can_return_tuple
 from .configuration_slimvlm import LEGACY_LLAVA_NEXT_RENAMES, SlimLlavaNextConfig, anyres_visionzip_token_count
-from .modeling_slimvlm import VISION_SIDE_METHODS, SlimGenerationMixin, SlimImageFeaturesOutput, SlimModelMixin, register_legacy_weight_names, slim_forward
-
-
-def anyres_visionzip_layout(views: torch.Tensor, dominant_indices: torch.Tensor, grid: tuple[int, int], side: int,
-                            dominant: int) -> torch.Tensor:
-    """One image's VisionZip tokens in the official LLaVA-NeXT order.
-
-    Args:
-        views: [1 + n, K, D] compressed views (base first, then the n = gh·gw crops row-major), each laid out
-            [CLS, d - 1 dominant patches in ascending position, c contextual].
-        dominant_indices: [1 + n, d] each view's kept token indices (0 = CLS; patch p is token p + 1).
-        grid: (gh, gw) crops per column and per row of the anyres grid.
-        side: patches per side of one view (24 for CLIP-L/14-336).
-        dominant: d (CLS included).
-    Returns:
-        [(1 + n)·K, D]: base, then all crops' dominant patches in raster order of the (gh·side) x (gw·side)
-        global patch grid, then the crops' CLS tokens, then their contextual tokens crop by crop.
-    """
-    base, crops = views[0], views[1:]
-    if crops.shape[0] != grid[0] * grid[1]:
-        raise ValueError(f"an image with a {grid[0]}x{grid[1]} anyres grid needs {grid[0] * grid[1]} crops, got {crops.shape[0]}")
-    if crops.shape[0] == 0:
-        return base
-    patches = dominant_indices[1:].sort(dim=1).values[:, 1:] - 1  # [n, d - 1], ascending = token order
-    width = crops.shape[-1]
-    dominant_tokens = crops[:, 1:dominant].reshape(-1, width)[global_raster_order(patches, grid, side).to(crops.device)]
-    return torch.cat([base, dominant_tokens, crops[:, 0], crops[:, dominant:].reshape(-1, width)])
-
-
-def global_raster_order(patches: torch.Tensor, grid: tuple[int, int], side: int) -> torch.Tensor:
-    """The order that sorts the crops' kept patches [n, k] (each crop's row ascending; crops row-major) into
-    raster order of the (gh·side) x (gw·side) global patch grid: a permutation of n·k."""
-    crop = torch.arange(patches.shape[0], device=patches.device)[:, None]
-    row = (crop // grid[1]) * side + patches // side
-    column = (crop % grid[1]) * side + patches % side
-    return (row * grid[1] * side + column).flatten().argsort()
+from .modeling_slimvlm import (
+    VISION_SIDE_METHODS,
+    AnyresMixin,
+    SlimGenerationMixin,
+    SlimImageFeaturesOutput,
+    SlimModelMixin,
+    anyres_visionzip_layout,
+    flatten_views,
+    global_raster_order,
+    register_legacy_weight_names,
+    slim_forward,
+)
 
 
 def anyres_pruned_layout(views: torch.Tensor, kept_indices: torch.Tensor, grid: tuple[int, int], side: int) -> torch.Tensor:
@@ -78,18 +50,13 @@ def anyres_pruned_layout(views: torch.Tensor, kept_indices: torch.Tensor, grid: 
     return torch.cat([base, crops.reshape(-1, crops.shape[-1])[order]])
 
 
-class SlimLlavaNextModel(SlimModelMixin, LlavaNextModel):
+class SlimLlavaNextModel(AnyresMixin, SlimModelMixin, LlavaNextModel):
     """`LlavaNextModel` whose `get_image_features` applies VisionZip per view (so `generate()`'s pre-encoding does too)."""
 
     config: SlimLlavaNextConfig
     config_class = SlimLlavaNextConfig
     output_class = LlavaNextModelOutputWithPast
     forward = slim_forward(LlavaNextModel)
-
-    def anyres_grid(self, image_size) -> tuple[int, int]:
-        """(gh, gw) anyres crops of an image of `image_size` (height, width), as the image processor chose them."""
-        return tuple(get_anyres_image_grid_shape(image_size, self.config.image_grid_pinpoints,
-                                                 self.config.vision_config.image_size))
 
     @can_return_tuple
     def get_image_features(
@@ -120,12 +87,8 @@ class SlimLlavaNextModel(SlimModelMixin, LlavaNextModel):
             return SlimImageFeaturesOutput(last_hidden_state=stock.last_hidden_state, pooler_output=features,
                                            hidden_states=stock.hidden_states, attentions=stock.attentions,
                                            kept_indices=kept)
-        views_per_image = [image_size_to_num_patches(size, self.config.image_grid_pinpoints,
-                                                     self.config.vision_config.image_size) for size in image_sizes]
-        if pixel_values.dim() == 5:
-            pixel_values = torch.cat([views[:count] for views, count in zip(pixel_values, views_per_image)])
-        elif pixel_values.dim() != 4:
-            raise ValueError(f"pixel_values must be [images, views, 3, H, W] or [views, 3, H, W], got {tuple(pixel_values.shape)}")
+        views_per_image = [self.anyres_views(size) for size in image_sizes]
+        pixel_values = flatten_views(pixel_values, views_per_image)
         side = self.config.vision_config.image_size // self.config.vision_config.patch_size
         if compression["method"] != "visionzip":
             starts = [sum(views_per_image[:image]) for image in range(len(views_per_image))]

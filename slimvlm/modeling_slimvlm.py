@@ -19,6 +19,7 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import WeightRenaming
 from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, image_size_to_num_patches
 from transformers.utils import logging
 
 from .configuration_slimvlm import pruned_count, views_pruned_count
@@ -154,6 +155,72 @@ class VisionViews:
     images: list[torch.Tensor] | None = None
 
 
+def anyres_visionzip_layout(views: torch.Tensor, dominant_indices: torch.Tensor, grid: tuple[int, int], side: int,
+                            dominant: int, cls: bool = True) -> torch.Tensor:
+    """One anyres image's VisionZip tokens in the official LLaVA-NeXT order (specs/visionzip.md §7.2), shared by
+    LLaVA-NeXT (CLIP, CLS) and LLaVA-OneVision (SigLIP, no CLS: the same order minus the CLS block,
+    specs/modern_families.md §4).
+
+    Args:
+        views: [1 + n, K, D] compressed views (base first, then the n = gh·gw crops row-major), each laid out
+            [CLS, d - 1 dominant patches in ascending position, c contextual] ([d dominant patches, c contextual]
+            without CLS).
+        dominant_indices: [1 + n, d] each view's kept token indices (with CLS: 0 = CLS and patch p is token
+            p + 1; without: patch indices).
+        grid: (gh, gw) crops per column and per row of the anyres grid.
+        side: patches per side of one view (24 for CLIP-L/14-336, 27 for SigLIP-384/14).
+        dominant: d (CLS included when there is one).
+        cls: whether the views carry a CLS token.
+    Returns:
+        [(1 + n)·K, D]: base, then all crops' dominant patches in raster order of the (gh·side) x (gw·side)
+        global patch grid, then (with CLS) the crops' CLS tokens, then their contextual tokens crop by crop.
+    """
+    base, crops = views[0], views[1:]
+    if crops.shape[0] != grid[0] * grid[1]:
+        raise ValueError(f"an image with a {grid[0]}x{grid[1]} anyres grid needs {grid[0] * grid[1]} crops, got {crops.shape[0]}")
+    if crops.shape[0] == 0:
+        return base
+    offset = 1 if cls else 0
+    patches = dominant_indices[1:].sort(dim=1).values[:, offset:] - offset  # [n, d - offset], ascending = token order
+    order = global_raster_order(patches, grid, side)
+    width = crops.shape[-1]
+    dominant_tokens = crops[:, offset:dominant].reshape(-1, width)[order.to(crops.device)]
+    cls_tokens = [crops[:, 0]] if cls else []
+    return torch.cat([base, dominant_tokens, *cls_tokens, crops[:, dominant:].reshape(-1, width)])
+
+
+def global_raster_order(patches: torch.Tensor, grid: tuple[int, int], side: int) -> torch.Tensor:
+    """The order that sorts the crops' kept patches [n, k] (each crop's row ascending; crops row-major) into
+    raster order of the (gh·side) x (gw·side) global patch grid: a permutation of n·k."""
+    crop = torch.arange(patches.shape[0], device=patches.device)[:, None]
+    row = (crop // grid[1]) * side + patches // side
+    column = (crop % grid[1]) * side + patches % side
+    return (row * grid[1] * side + column).flatten().argsort()
+
+
+def flatten_views(pixel_values: torch.Tensor, views_per_image: list[int]) -> torch.Tensor:
+    """[V, 3, H, W] views of a batch of anyres images: a 5-D [images, max views, 3, H, W] input loses its padding
+    views (never encoded); a 4-D input is already flat."""
+    if pixel_values.dim() == 5:
+        return torch.cat([views[:count] for views, count in zip(pixel_values, views_per_image)])
+    if pixel_values.dim() != 4:
+        raise ValueError(f"pixel_values must be [images, views, 3, H, W] or [views, 3, H, W], got {tuple(pixel_values.shape)}")
+    return pixel_values
+
+
+class AnyresMixin:
+    """The anyres grid of a LLaVA-NeXT-style base model (`config.image_grid_pinpoints`, square tower views)."""
+
+    def anyres_grid(self, image_size) -> tuple[int, int]:
+        """(gh, gw) anyres crops of an image of `image_size` (height, width), as the image processor chose them."""
+        return tuple(get_anyres_image_grid_shape(image_size, self.config.image_grid_pinpoints,
+                                                 self.config.vision_config.image_size))
+
+    def anyres_views(self, image_size) -> int:
+        """Views the tower encodes for an image of `image_size`: the base view and the gh x gw crops."""
+        return image_size_to_num_patches(image_size, self.config.image_grid_pinpoints, self.config.vision_config.image_size)
+
+
 class StockInitMixin:
     """Slim classes initialise and load like the stock classes they extend.
 
@@ -225,9 +292,12 @@ class SlimModelMixin(StockInitMixin):
             ) from None
 
     def _placeholder_mask(self, modality: str, input_ids, inputs_embeds, features: torch.Tensor) -> torch.Tensor:
-        """[B, L, D] bool mask of `modality`'s placeholders ("image"; Video-LLaVA adds "video"), checked
-        against `features` [N, D]."""
-        return self.get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds, image_features=features)
+        """[B, L, D] bool mask of `modality`'s placeholders ("image"; video families add "video"), checked
+        against `features` [N, D]. Families with videos return (image mask, video mask) from the stock method."""
+        masks = self.get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds, **{f"{modality}_features": features})
+        if isinstance(masks, tuple):
+            return masks[0] if modality == "image" else masks[1]
+        return masks
 
     # The family's `*ModelOutputWithPast` class (set by each family).
     output_class = None
@@ -235,7 +305,8 @@ class SlimModelMixin(StockInitMixin):
     # ---- vision side: VisionZip, CDPruner, DivPrune (one plug point, after the tower, before the LLM) ----
 
     def _compress_views(self, pixel_values: torch.Tensor, vision_feature_layer, vision_tower=None,
-                        split: tuple[int, int] | None = None, transform=None, **kwargs) -> VisionViews:
+                        split: tuple[int, int] | None = None, transform=None, cls: bool = True,
+                        **kwargs) -> VisionViews:
         """The vision-side method of `config.compression` on a batch of independent views [V, 3, H, W].
 
         The method module only selects (or merges) tokens of a view; this does the rest once for every family:
@@ -246,6 +317,8 @@ class SlimModelMixin(StockInitMixin):
         transform: optional [V, 1 + N, C] -> [V, 1 + N, C] on the feature layer's output (CLS first) before
             selection (Mini-Gemini's patch mining); VisionZip's scores and CDPruner's CLIP relevance stay the
             CLIP layer's.
+        cls: False for a tower without CLS (SigLIP): VisionZip scores by attention received at the feature
+            layer and d counts patches.
         CDPruner / DivPrune also take (in kwargs) `groups` (the views of each image, in the family's token order;
         default one view per image), `select_strategy` ("default" drops CLS from the candidates, "full" keeps
         it), `counts` ((per view K, per image K) as the family counts them) and the relevance inputs.
@@ -264,13 +337,14 @@ class SlimModelMixin(StockInitMixin):
         tower = None
         if not (output_hidden_states or output_attentions):
             # The tower stops at the scoring layer, whose output is all VisionZip needs.
-            selection = encode_with_visionzip(vision_tower, pixel_values, feature_layer, dominant, contextual, transform)
+            selection = encode_with_visionzip(vision_tower, pixel_values, feature_layer, dominant, contextual, transform,
+                                              cls=cls)
         else:
             # As in the stock classes, the tower then runs to the end.
             tower = vision_tower(pixel_values, output_hidden_states=True, output_attentions=bool(output_attentions),
                                  return_dict=True)
             selection = visionzip_from_hidden_states(vision_tower, tower.hidden_states, feature_layer, dominant,
-                                                     contextual, transform)
+                                                     contextual, transform, cls=cls)
             tower.hidden_states = tower.hidden_states if output_hidden_states else None
             tower.attentions = tower.attentions if output_attentions else None
         return VisionViews(projected=self.multi_modal_projector(selection.tokens), tokens=selection.tokens,

@@ -3,6 +3,9 @@
 Pure tensor code; knows nothing about LLaVA. Shipped with checkpoints (imports torch only).
 Follows specs/visionzip.md: score = CLS attention row of encoder layer L-2 summed over heads;
 keep CLS + the (d-1) best patches; merge the rest into c contextual tokens by key similarity.
+Towers without a CLS token (SigLIP; specs/modern_families.md §4): score = the attention each patch
+*receives*, head-averaged, at the layer whose output becomes the features (`attention_received`); d then
+counts patches only.
 """
 
 from __future__ import annotations
@@ -53,17 +56,72 @@ def cls_attention_and_keys(layer: nn.Module, hidden_states: torch.Tensor) -> tup
     return scores, keys.mean(dim=1)
 
 
+# Bytes of one chunk of attention probabilities in `attention_received` (specs/modern_families.md §5).
+ATTENTION_CHUNK_BYTES = 256 * 2**20
+
+
+def attention_received(query: torch.Tensor, key: torch.Tensor, scale: float,
+                       chunk_bytes: int = ATTENTION_CHUNK_BYTES) -> torch.Tensor:
+    """Attention each token receives, averaged over heads and queries: s_j = (1/(H·N)) Σ_h Σ_i softmax_j(q·kᵀ·scale)[i, j].
+
+    The score of a tower without a CLS token (specs/modern_families.md §4). Computed in fp32 by streaming
+    query chunks against all keys, so no [H, N, N] map is ever held (chunk: at most `chunk_bytes` of
+    probabilities, and at least 64 queries); no attention mask (every view is attended whole).
+
+    Args:
+        query, key: [B, H, N, Dh] the layer's queries and keys (before scaling).
+        scale: the attention's logit scale (Dh^-1/2).
+    Returns:
+        [B, N] fp32 scores; each row sums to 1.
+    """
+    query, key = query.float(), key.float().transpose(2, 3)
+    batch, heads, length, _ = query.shape
+    chunk = max(64, chunk_bytes // (4 * batch * heads * length))
+    received = torch.zeros(batch, length, dtype=torch.float32, device=query.device)
+    for start in range(0, length, chunk):
+        probs = torch.matmul(query[:, :, start:start + chunk], key).mul_(scale)  # [B, H, C, N] logits
+        probs.sub_(probs.amax(dim=-1, keepdim=True)).exp_()  # the softmax in place: one chunk buffer
+        probs.div_(probs.sum(dim=-1, keepdim=True))
+        received += probs.sum(dim=(1, 2))
+    return received / (heads * length)
+
+
+def received_attention_and_keys(layer: nn.Module, hidden_states: torch.Tensor,
+                                chunk_bytes: int = ATTENTION_CHUNK_BYTES) -> tuple[torch.Tensor, torch.Tensor]:
+    """`attention_received` and head-averaged keys of one ViT encoder layer without a CLS token (SigLIP).
+
+    Calls the layer's own `layer_norm1`, `q_proj` and `k_proj` (biases included), so it works on any
+    attention backend and never asks the tower for `output_attentions`.
+
+    Args:
+        layer: a CLIP/SigLIP-style encoder layer (`layer_norm1`, `self_attn.{q_proj,k_proj,num_heads,head_dim,scale}`).
+        hidden_states: [B, N, C] input of that layer (patches only).
+    Returns:
+        scores: [B, N] fp32 attention received per patch; mean_keys: [B, N, Dh] keys averaged over heads.
+    """
+    attention = layer.self_attn
+    batch, length, _ = hidden_states.shape
+    heads, head_dim = attention.num_heads, attention.head_dim
+    normed = layer.layer_norm1(hidden_states)
+    query = attention.q_proj(normed).view(batch, length, heads, head_dim).transpose(1, 2)
+    keys = attention.k_proj(normed).view(batch, length, heads, head_dim).transpose(1, 2)
+    return attention_received(query, keys, attention.scale, chunk_bytes), keys.mean(dim=1)
+
+
 def visionzip_select(
-    features: torch.Tensor, scores: torch.Tensor, keys: torch.Tensor, dominant: int, contextual: int
+    features: torch.Tensor, scores: torch.Tensor, keys: torch.Tensor, dominant: int, contextual: int,
+    cls: bool = True,
 ) -> VisionZipSelection:
     """Steps 1–3 of specs/visionzip.md §3 for a batch of independent views.
 
     Args:
-        features: [B, N, C] output of the scoring layer (CLS at 0).
-        scores: [B, N - 1] patch scores (CLS attention, heads summed).
+        features: [B, N, C] output of the scoring layer (CLS at 0, unless `cls` is False).
+        scores: [B, N - 1] patch scores (CLS attention, heads summed); [B, N] when `cls` is False.
         keys: [B, N, Dh] head-averaged keys of the scoring layer.
-        dominant: d, dominant tokens including CLS (>= 1).
+        dominant: d, dominant tokens including CLS (>= 1); patches only when `cls` is False.
         contextual: c, merged tokens (>= 1); d + c <= N.
+        cls: token 0 is a CLS token, always kept (False: a tower without CLS, every token is a patch and
+            `dominant_indices` are the top-d patches).
     """
     batch, length, width = features.shape
     if not 1 <= dominant or not 1 <= contextual or dominant + contextual > length:
@@ -72,8 +130,11 @@ def visionzip_select(
             f"got dominant={dominant}, contextual={contextual}"
         )
     device = features.device
-    top = torch.topk(scores, dominant - 1, dim=1).indices + 1  # torch.topk order, as the official op
-    dominant_indices = torch.cat([torch.zeros(batch, 1, dtype=top.dtype, device=device), top], dim=1)
+    if cls:
+        top = torch.topk(scores, dominant - 1, dim=1).indices + 1  # torch.topk order, as the official op
+        dominant_indices = torch.cat([torch.zeros(batch, 1, dtype=top.dtype, device=device), top], dim=1)
+    else:
+        dominant_indices = torch.topk(scores, dominant, dim=1).indices
 
     is_dominant = torch.zeros(batch, length, dtype=torch.bool, device=device)
     is_dominant.scatter_(1, dominant_indices, True)
@@ -149,7 +210,7 @@ def resolve_feature_layer(vision_feature_layer, num_layers: int) -> int:
 
 def encode_with_visionzip(
     vision_tower: nn.Module, pixel_values: torch.Tensor, feature_layer: int, dominant: int, contextual: int,
-    transform=None,
+    transform=None, cls: bool = True,
 ) -> VisionZipSelection:
     """Run a CLIP vision tower up to `feature_layer` (0-based) and apply VisionZip to its output.
 
@@ -157,34 +218,40 @@ def encode_with_visionzip(
     backend; layers after `feature_layer` are skipped (their output is never used).
     transform: optional [B, N, C] -> [B, N, C] applied to the layer's output before selection (Mini-Gemini mines
         high-resolution detail into the patches there); the scores and keys stay the CLIP layer's.
+    cls: False for a tower without CLS (SigLIP): scores are `received_attention_and_keys` of `feature_layer`
+        itself (the layer whose output becomes the features), and d counts patches.
     """
     embeddings = getattr(vision_tower, "embeddings", None)
-    if getattr(embeddings, "class_embedding", None) is None:
+    if cls and getattr(embeddings, "class_embedding", None) is None:
         raise ValueError(
             f"VisionZip scores patches by CLS attention, but the vision tower {type(vision_tower).__name__} "
             "has no CLS token at index 0 (e.g. SigLIP); use a CLIP-style tower or another method"
         )
-    hidden_states = vision_tower.pre_layrnorm(embeddings(pixel_values))
+    hidden_states = embeddings(pixel_values)
+    if getattr(vision_tower, "pre_layrnorm", None) is not None:
+        hidden_states = vision_tower.pre_layrnorm(hidden_states)
+    score = cls_attention_and_keys if cls else received_attention_and_keys
     for index, layer in enumerate(vision_tower.encoder.layers[: feature_layer + 1]):
         if index == feature_layer:
-            scores, keys = cls_attention_and_keys(layer, hidden_states)
+            scores, keys = score(layer, hidden_states)
         hidden_states = layer(hidden_states, None)
     if transform is not None:
         hidden_states = transform(hidden_states)
-    return visionzip_select(hidden_states, scores, keys, dominant, contextual)
+    return visionzip_select(hidden_states, scores, keys, dominant, contextual, cls=cls)
 
 
 def visionzip_from_hidden_states(
     vision_tower: nn.Module, hidden_states: tuple[torch.Tensor, ...], feature_layer: int, dominant: int, contextual: int,
-    transform=None,
+    transform=None, cls: bool = True,
 ) -> VisionZipSelection:
     """VisionZip on a full tower run's `hidden_states` (embeddings output, then each layer's output).
 
     Same numbers as `encode_with_visionzip`; used when the caller asked for the tower's hidden states or
-    attentions, so the whole tower runs anyway. `transform`: as in `encode_with_visionzip`.
+    attentions, so the whole tower runs anyway. `transform`, `cls`: as in `encode_with_visionzip`.
     """
-    scores, keys = cls_attention_and_keys(vision_tower.encoder.layers[feature_layer], hidden_states[feature_layer])
+    score = cls_attention_and_keys if cls else received_attention_and_keys
+    scores, keys = score(vision_tower.encoder.layers[feature_layer], hidden_states[feature_layer])
     features = hidden_states[feature_layer + 1]
     if transform is not None:
         features = transform(features)
-    return visionzip_select(features, scores, keys, dominant, contextual)
+    return visionzip_select(features, scores, keys, dominant, contextual, cls=cls)

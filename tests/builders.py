@@ -169,14 +169,15 @@ def make_next_processor():
                               vision_feature_select_strategy="default", num_additional_image_tokens=1)
 
 
-def next_images(grids, seed: int = 0):
-    """PIL images of random noise whose anyres grids are `grids` (keys of NEXT_IMAGE_SIZES)."""
+def next_images(grids, seed: int = 0, sizes=None):
+    """PIL images of random noise whose anyres grids are `grids` (keys of `sizes`, default NEXT_IMAGE_SIZES)."""
     from PIL import Image
 
+    sizes = NEXT_IMAGE_SIZES if sizes is None else sizes
     generator = torch.Generator().manual_seed(seed)
     images = []
     for grid in grids:
-        height, width = NEXT_IMAGE_SIZES[grid]
+        height, width = sizes[grid]
         array = (torch.rand(height, width, 3, generator=generator) * 255).to(torch.uint8).numpy()
         images.append(Image.fromarray(array))
     return images
@@ -273,3 +274,37 @@ def sharpen_language_model(model, scale: float = 4.0):
                 param.mul_(scale)
         model.lm_head.weight.mul_(10 * scale)
     return model
+
+
+# ---- LLaVA-OneVision (specs/modern_families.md §7): SigLIP 56-px views, patch 14 (4x4 = 16 patches, no CLS), Qwen2
+
+OV_SIDE = 56
+OV_PINPOINTS = [[56, 56], [56, 112], [112, 56], [112, 112], [56, 168], [168, 56]]
+# Original image sizes (height, width) whose best-fit resolution gives each grid (gh, gw).
+OV_IMAGE_SIZES = {(1, 1): (56, 56), (1, 2): (56, 84), (1, 3): (100, 300), (2, 2): (112, 112)}
+
+
+def tiny_onevision_config(text_hidden: int = 32, vision_hidden: int = 32, heads: int = 4, kv_heads: int = 2,
+                          **kwargs):
+    """A tiny LlavaOnevisionConfig: SigLIP (3 layers, 4 heads, 56 px, patch 14), Qwen2 (2 layers) on make_video_tokenizer's ids."""
+    from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
+
+    vision = SiglipVisionConfig(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_hidden_layers=3,
+                                num_attention_heads=4, image_size=OV_SIDE, patch_size=14, vision_use_head=False)
+    text = Qwen2Config(vocab_size=len(SPECIAL_TOKENS) + len(WORDS) + 2, hidden_size=text_hidden,
+                       intermediate_size=2 * text_hidden, num_hidden_layers=2, num_attention_heads=heads,
+                       num_key_value_heads=kv_heads, max_position_embeddings=4096, pad_token_id=0)
+    return LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN_ID,
+                                video_token_index=video_token_id(), image_grid_pinpoints=OV_PINPOINTS, **kwargs)
+
+
+def make_onevision_image_processor():
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
+
+    return LlavaOnevisionImageProcessorPil(size={"height": OV_SIDE, "width": OV_SIDE}, image_grid_pinpoints=OV_PINPOINTS,
+                                           image_mean=[0.5] * 3, image_std=[0.5] * 3)
+
+
+def onevision_images(grids, seed: int = 0):
+    """PIL images of random noise whose anyres grids are `grids` (keys of OV_IMAGE_SIZES)."""
+    return next_images(grids, seed, OV_IMAGE_SIZES)

@@ -213,14 +213,23 @@ def test_left_padded_mixed_grid_batch_generates_what_each_sample_generates_alone
     assert_batch_generates_what_each_sample_generates_alone(model, processor, images, prompts)
 
 
-def assert_batch_generates_what_each_sample_generates_alone(model, processor, images, prompts):
-    """A left-padded batch generates what each (image, prompt) generates alone, and generate() with a cache
-    equals a cache-free greedy loop (SparseVLM: replaying the batch prefill's plan)."""
-    batch = processor(images=images, text=prompts, return_tensors="pt", padding=True)
+def media_inputs(images, videos) -> dict:
+    """processor keyword arguments for samples' images and videos (None: the sample has none)."""
+    media = {"images": [image for image in images if image is not None],
+             "videos": [video for video in videos if video is not None]}
+    return {key: value for key, value in media.items() if value}
+
+
+def assert_batch_generates_what_each_sample_generates_alone(model, processor, images, prompts, videos=None):
+    """A left-padded batch generates what each (image or video, prompt) generates alone, and generate() with a
+    cache equals a cache-free greedy loop (SparseVLM: replaying the batch prefill's plan). `images[i]`,
+    `videos[i]`: sample i's image and video (None where it has none; `videos` None: no videos)."""
+    videos = [None] * len(prompts) if videos is None else videos
+    batch = processor(**media_inputs(images, videos), text=prompts, return_tensors="pt", padding=True)
     with torch.no_grad():
         together = model.generate(**batch, **SETTINGS)[:, batch["input_ids"].shape[1]:]
-        for i, (image, prompt) in enumerate(zip(images, prompts)):
-            alone = processor(images=[image], text=[prompt], return_tensors="pt")
+        for i, (image, video, prompt) in enumerate(zip(images, videos, prompts)):
+            alone = processor(**media_inputs([image], [video]), text=[prompt], return_tensors="pt")
             assert together[i].tolist() == model.generate(**alone, **SETTINGS)[0, alone["input_ids"].shape[1]:].tolist()
         together = model.generate(**batch, **SETTINGS)[:, batch["input_ids"].shape[1]:]
     plan = {"sparsevlm_plan": model.sparsevlm_report.steps} if model.config.compression["method"] == "sparsevlm" else {}
@@ -295,6 +304,25 @@ def voco_next(num_voco: int = 2, attn: str = "eager") -> SlimLlavaNextForConditi
     return model
 
 
+def assert_voco_two_stage_equals_the_full_mask(model, inputs, text, voco_id: int = VOCO_ID):
+    """Stage 2 on the cache of `voco_compress(**inputs)` gives the full masked forward's logits for the text after
+    each row's VoCo group (<= 1e-4; the LM is sharpened so that errors show), and generate() from the cache equals
+    the full masked greedy recompute. `text`: the tokenised text after the group. Returns the cache."""
+    with torch.no_grad():
+        full = model(**inputs).logits
+        cache = model.voco_compress(**inputs)
+        staged = model(**text, voco_cache=cache).logits
+    after = torch.arange(inputs["input_ids"].shape[1])[None] > (inputs["input_ids"] == voco_id).int().argmax(1, keepdim=True) + 1
+    diffs = [float((full[b, after[b] & inputs["attention_mask"][b].bool()] - staged[b, text["attention_mask"][b].bool()]).abs().max())
+             for b in range(full.shape[0])]
+    assert float(full.abs().max()) > 1.0
+    assert max(diffs) <= 1e-4, diffs
+    with torch.no_grad():
+        cached = model.generate(**text, voco_cache=cache, **SETTINGS)[:, text["input_ids"].shape[1]:]
+    assert cached.tolist() == greedy_without_cache(model, inputs, 4).tolist()
+    return cache
+
+
 def test_voco_two_stage_equals_the_full_mask_forward(images):
     model = voco_next(2)
     processor = slim_processor(model.config.compression)
@@ -308,22 +336,7 @@ def test_voco_two_stage_equals_the_full_mask_forward(images):
     tokenizer = processor.tokenizer
     text = tokenizer([build_voco_text_prompt(q) for q in questions], add_special_tokens=False, return_tensors="pt",
                      padding=True)
-    with torch.no_grad():
-        full = model(**inputs).logits
-        cache = model.voco_compress(**inputs)
-        staged = model(**text, voco_cache=cache).logits
-    after = torch.arange(inputs["input_ids"].shape[1])[None] > (inputs["input_ids"] == VOCO_ID).int().argmax(1, keepdim=True) + 1
-    diffs = []
-    for b in range(3):
-        expected = full[b, after[b] & inputs["attention_mask"][b].bool()]
-        got = staged[b, text["attention_mask"][b].bool()]
-        diffs.append(float((expected - got).abs().max()))
-    assert float(full.abs().max()) > 1.0
-    assert max(diffs) <= 1e-4, diffs
-    with torch.no_grad():  # generate() from the cache = the full masked greedy recompute
-        cached = model.generate(**text, voco_cache=cache, **SETTINGS)[:, text["input_ids"].shape[1]:]
-        recomputed = greedy_without_cache(model, inputs, 4)
-    assert cached.tolist() == recomputed.tolist()
+    cache = assert_voco_two_stage_equals_the_full_mask(model, inputs, text)
     assert isinstance(cache, VoCoCache) and cache.num_voco_tokens == 2
 
 

@@ -22,7 +22,11 @@ from builders import (
     random_images,
     tiny_mini_gemini_config,
 )
-from test_llava_next import assert_batch_generates_what_each_sample_generates_alone, greedy_without_cache
+from test_llava_next import (
+    assert_batch_generates_what_each_sample_generates_alone,
+    assert_voco_two_stage_equals_the_full_mask,
+    greedy_without_cache,
+)
 from test_remote_code import run_isolated
 from test_visionzip import reference_visionzip
 from torch import nn
@@ -607,17 +611,7 @@ def test_voco_two_stage_equals_the_full_mask_forward(images):
         assert len(voco) == 2 and int(voco[0]) > int(image[-1]) and len(image) == 576
     text = processor.tokenizer([build_voco_text_prompt(q) for q in questions], add_special_tokens=False, return_tensors="pt",
                                padding=True)
-    with torch.no_grad():
-        full = model(**inputs).logits
-        cache = model.voco_compress(**inputs)
-        staged = model(**text, voco_cache=cache).logits
-    after = torch.arange(inputs["input_ids"].shape[1])[None] > (inputs["input_ids"] == VOCO_ID).int().argmax(1, keepdim=True) + 1
-    diffs = [float((full[b, after[b] & inputs["attention_mask"][b].bool()] - staged[b, text["attention_mask"][b].bool()]).abs().max())
-             for b in range(2)]
-    assert float(full.abs().max()) > 1.0 and max(diffs) <= 1e-4, diffs
-    with torch.no_grad():
-        cached = model.generate(**text, voco_cache=cache, **SETTINGS)[:, text["input_ids"].shape[1]:]
-    assert cached.tolist() == greedy_without_cache(model, inputs, 4).tolist()
+    cache = assert_voco_two_stage_equals_the_full_mask(model, inputs, text)
     assert isinstance(cache, VoCoCache)
 
 
