@@ -403,3 +403,12 @@ def test_8bit_generation_shows_the_bitsandbytes_cast_notice_once(stock_checkpoin
     with caplog.at_level(logging.WARNING):
         assert main(generate({**cli_inputs, "int8": str(tmp_path / "int8")}, "int8", "img.png", "--max-new-tokens", "2")) == 0
     assert sum("MatMul8bitLt: inputs will be cast" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_readme_lists_the_prerequisites_and_the_set_up_time():
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    prerequisites = readme.split("### Prerequisites", 1)[1].split("\n#", 1)[0]
+    assert "Python >= 3.10" in prerequisites and "venv" in prerequisites and "make" in prerequisites
+    assert re.search(r"set-up takes about [\d.]+ min", prerequisites), prerequisites
