@@ -9,8 +9,11 @@
     slimvlm push out/ my-user/llava-1.5-7b-visionzip-64
     slimvlm eval --tasks gqa --output_path out --model_args 'pretrained=llava-hf/llava-1.5-7b-hf,compression={"method":"visionzip","tokens":64}'
 
-Bad input ends in one line on stderr naming the problem and the fix, and exit status 1; add --debug to any
-command for the full traceback. Long steps show a progress bar on a terminal (tqdm when installed).
+Bad input ends in one line on stderr naming the problem and the fix, and exit status 1 (usage errors: the
+subcommand's usage, status 2); Ctrl-C in one line and status 130; add --debug to any command for the full
+traceback. Everything that needs no weights (inputs, output folder, the Hub) is checked before any weight loads.
+Long steps show a progress bar on a terminal only (tqdm when installed; transformers' own bars likewise).
+Shared loading and answering code lives in slimvlm.inference (the demo uses it too; it does not import this module).
 """
 
 from __future__ import annotations
@@ -18,9 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import statistics
+import os
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -29,6 +31,7 @@ import torch
 
 from .configuration_slimvlm import normalize_compression
 from .demo.run import BUNDLED_MODEL  # noqa: F401  (re-exported: the bundled model's folder)
+from .inference import answer, default_prompt, llava_prompt, load, time_prefill, visual_tokens_kept  # noqa: F401
 
 # (logger, message prefix, how many to show in one command)
 CLI_NOTICES = (
@@ -59,7 +62,8 @@ def _compression(text: str | None) -> dict | None:
 
 
 def check_model_source(source: str | Path, option: str = "model") -> None:
-    """Fail early, in words, on a model argument that is neither a checkpoint folder nor a Hub id."""
+    """Fail early, in words, on a model argument that is neither a checkpoint folder nor a Hub id, or a Hub id
+    that cannot be fetched (offline and not cached, or the Hub unreachable)."""
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
@@ -76,23 +80,90 @@ def check_model_source(source: str | Path, option: str = "model") -> None:
     except HFValidationError:
         raise FileNotFoundError(f"{option} folder {source} does not exist (and it is no Hub id such as "
                                 "llava-hf/llava-1.5-7b-hf); check the path") from None
+    check_hub(option, str(source))
 
 
 def check_output(output: str | Path, overwrite: bool, source: str | Path | None = None) -> None:
-    """Fail early on an output folder that exists (without --overwrite), is a file, or is the source itself."""
+    """Fail early on an output folder that exists (without --overwrite), is a file, is the source itself, or
+    cannot be written (read-only, a parent that is a file, a mount point to replace, ...)."""
+    from .conversion.atomic import check_output_folder
+
     output = Path(output)
     if source is not None and output.exists() and output.resolve() == Path(source).expanduser().resolve():
         raise ValueError(f"output folder {output} is the source folder; write to another folder")
-    if output.exists() and not output.is_dir():
-        raise FileExistsError(f"output {output} is a file; give a folder path")
-    if output.exists() and not overwrite:
-        raise FileExistsError(f"output folder {output} already exists; choose another or pass --overwrite to replace it")
+    check_output_folder(output, overwrite, overwrite_hint="--overwrite")
+
+
+# ----------------------------------------------------------------------------- the Hub, without a network
+
+HUB_PROBE_SECONDS = 5.0  # one request, no retries: a missing network fails in seconds, not after ~27 s of retries
+_NETWORK_ERROR_NAMES = {"ConnectError", "ConnectTimeout", "ConnectionError", "NetworkError", "ProxyError",
+                        "TimeoutException", "TransportError", "ReadTimeout", "PoolTimeout"}
+
+
+def is_network_error(error: BaseException | None) -> bool:
+    """True when `error`, or an error it was raised from, says the network or the Hub could not be reached."""
+    import socket
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, (ConnectionError, socket.gaierror)):
+            return True
+        if any(cls.__name__ in _NETWORK_ERROR_NAMES and cls.__module__.split(".")[0] in
+               ("httpx", "httpx2", "httpcore", "requests", "urllib3") for cls in type(error).__mro__):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def hub_unreachable(timeout: float = HUB_PROBE_SECONDS) -> str | None:
+    """Why the Hub (HF_ENDPOINT) cannot be reached, or None when it answers (any HTTP status counts)."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout)
+    except Exception as error:  # noqa: BLE001  (only network errors count; anything else: let the real call tell)
+        if is_network_error(error):
+            return " ".join(str(error).split()) or type(error).__name__
+    return None
+
+
+def check_hub(what: str, repo_id: str | None = None) -> None:
+    """Fail in one line, within seconds, when `what` needs the Hub and cannot have it: under HF_HUB_OFFLINE=1
+    a model that is not cached (or an upload: repo_id None), otherwise a Hub that does not answer."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    endpoint = constants.ENDPOINT
+    cached = repo_id is not None and isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    if constants.HF_HUB_OFFLINE:
+        if repo_id is None:
+            raise ConnectionError(f"{what} needs the Hub ({endpoint}) and HF_HUB_OFFLINE=1 is set; unset HF_HUB_OFFLINE")
+        if not cached:
+            raise FileNotFoundError(f"{what} {repo_id} is not in the local Hub cache ({constants.HF_HUB_CACHE}) and "
+                                    f"HF_HUB_OFFLINE=1 forbids downloading it; unset HF_HUB_OFFLINE to download it from "
+                                    f"the Hub ({endpoint}), or give a checkpoint folder")
+        return
+    cause = hub_unreachable()
+    if cause is None:
+        return
+    if repo_id is None:
+        raise ConnectionError(f"cannot reach the Hub at {endpoint} ({cause}); {what} needs it: check the network "
+                              "(and HF_ENDPOINT / proxy settings)")
+    if cached:
+        raise ConnectionError(f"cannot reach the Hub at {endpoint} ({cause}); {repo_id} is in the local cache: rerun "
+                              "with HF_HUB_OFFLINE=1 to use it")
+    raise ConnectionError(f"cannot reach the Hub at {endpoint} ({cause}) to download {what} {repo_id}; check the network "
+                          "(and HF_ENDPOINT / proxy settings), or give a checkpoint folder")
 
 
 def open_image(path: str | Path):
     """The image at `path` as RGB, or one clear error when it is missing or not an image."""
     from PIL import Image, UnidentifiedImageError
 
+    if Path(path).is_dir():
+        raise IsADirectoryError(f"image {path} is a folder; give the path of an image file (PNG, JPEG, ...)")
     if not Path(path).is_file():
         raise FileNotFoundError(f"image {path} does not exist; give the path of an image file (PNG, JPEG, ...)")
     try:
@@ -165,86 +236,23 @@ def fewer_notices() -> Iterator[None]:
             logger.removeFilter(notice_filter)
 
 
-def load(model_id: str | Path, compression: dict | None = None, dtype: torch.dtype = torch.float32):
-    """A Slim model and processor from a stock or Slim checkpoint (local folder or hub id).
-
-    The compression is checked against the model's config (depth, vision tower) before any weight loads."""
-    from .auto import family_of
-
-    family = family_of(model_id)
-
-    # Passing compression=None would reset a slim checkpoint's own setting to "none": only pass what was asked.
-    overrides = {} if compression is None else {"compression": compression}
-    config = family.config.from_pretrained(model_id, **overrides)
-    model = family.generation.from_pretrained(model_id, config=config, dtype=dtype).eval()
-    processor = family.processor.from_pretrained(model_id, compression=model.config.compression)
-    processor.tokenizer.padding_side = "left"
-    return model, processor
-
-
-
-
-def visual_tokens_kept(model, inputs) -> str:
-    """What reached (or stayed in) the language model for the first sample, as a short string."""
-    if model.config.compression["method"] == "sparsevlm":
-        # SparseVLM prunes inside the LLM: report its "equal tokens" (mean visual tokens over the layers).
-        equal_tokens = model.sparsevlm_report.equal_tokens
-        return f"ET {equal_tokens[0]:.1f}"
-    # The placeholders the processor wrote: the compressed count (it depends on the image for LLaVA-NeXT).
-    return str(int((inputs["input_ids"][0] == model.config.image_token_id).sum()))
-
-
-def time_prefill(model, inputs, repeats: int = 3) -> tuple[float, object]:
-    """Median wall-clock seconds of one prefill forward (vision tower + compression + LLM), and its output."""
-    outputs, times = None, []
-    with torch.inference_mode():
-        for _ in range(repeats):
-            start = time.perf_counter()
-            outputs = model(**inputs, use_cache=True, logits_to_keep=1)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times), outputs
-
-
-def answer(model, processor, images, questions, prompt_builder, max_new_tokens: int = 8) -> tuple[list[str], float, dict]:
-    """Greedy answers, the median prefill seconds, and the processor's inputs."""
-    inputs = processor(text=[prompt_builder(q) for q in questions], images=images, padding=True, return_tensors="pt")
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-    seconds, _ = time_prefill(model, inputs)
-    with torch.inference_mode():
-        generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    texts = processor.tokenizer.batch_decode(generated[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-    return [text.strip() for text in texts], seconds, inputs
-
-
 def run_demo(args) -> int:
+    from .demo.run import check_samples, check_voco_model
     from .demo.run import run_demo as demo
 
+    check_samples(args.samples)
     if not args.model and not (BUNDLED_MODEL / "config.json").exists():
         raise FileNotFoundError(f"the bundled demo model is missing at {BUNDLED_MODEL}; reinstall slimvlm or pass --model")
     for option, source in (("--model", args.model), ("--voco-model", args.voco_model)):
         if source is not None:
             check_model_source(source, option)
+    if args.voco_model is not None:
+        check_voco_model(args.voco_model)  # its config only
     if args.image:
         open_image(args.image)  # a missing or unreadable image fails here, before any model loads
     print(demo(args.model, args.voco_model, samples=args.samples, seed=args.seed, image=args.image,
                question=args.question))
     return 0
-
-
-def llava_prompt(question: str) -> str:
-    """LLaVA-1.5's single-turn prompt."""
-    return f"USER: <image>\n{question} ASSISTANT:"
-
-
-def default_prompt(model, question: str) -> str:
-    """LLaVA-1.5's prompt; a VoCo model gets the VoCo layout (image first, then system prompt and turn),
-    which its processor extends with the `<voco>` group."""
-    if model.config.compression.get("method") == "voco":
-        from .voco import build_voco_prompt
-
-        return build_voco_prompt(question)
-    return llava_prompt(question)
 
 
 def run_generate(args) -> int:
@@ -340,8 +348,13 @@ def run_import_projector(args) -> int:
 
 
 def run_push(args) -> int:
-    from .hub_cards import push_to_hub
+    from huggingface_hub.utils import validate_repo_id
 
+    from .hub_cards import checked_card, push_to_hub
+
+    validate_repo_id(args.repo_id)
+    checked_card(Path(args.folder), args.base_model)  # what push_to_hub checks first, before the Hub is asked
+    check_hub("push")
     with Progress(3) as progress:
         url = push_to_hub(args.folder, args.repo_id, private=args.private, base_model=args.base_model, progress=progress)
     print(url)
@@ -362,8 +375,14 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true", help="show the full traceback of an error instead of one line")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    def command(name: str, help: str) -> argparse.ArgumentParser:
-        return commands.add_parser(name, help=help, parents=[common])
+    def command(name: str, help: str, passes_arguments_on: bool = False, **kwargs) -> argparse.ArgumentParser:
+        """A subcommand's parser. passes_arguments_on: arguments it does not know reach `func` as
+        args.lmms_args (else they are a usage error, shown with this subcommand's usage, exit status 2)."""
+        sub = commands.add_parser(name, help=help, parents=[common], **kwargs)
+        sub.set_defaults(command_parser=sub, passes_arguments_on=passes_arguments_on)
+        return sub
+
+    # One block per command: command(name, help), its arguments, set_defaults(func=run_<name>).
 
     demo = command("demo", help="answer a few images with every method, bundled model, no network")
     demo.add_argument("--model", help="another checkpoint (folder or hub id) instead of the bundled one")
@@ -440,8 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "(needed when the card names a local path)")
     push.set_defaults(func=run_push)
 
-    evaluate = commands.add_parser("eval", parents=[common], allow_abbrev=False,
-                                   help="lmms-eval with the slimvlm backend (every other argument goes to lmms-eval)")
+    evaluate = command("eval", help="lmms-eval with the slimvlm backend (every other argument goes to lmms-eval)",
+                       passes_arguments_on=True, allow_abbrev=False)
     evaluate.add_argument("--compare", metavar="SETTINGS", help="JSON object label -> compression (or model_args "
                           "overrides), inline or a file: run the tasks once per setting (none added) and write one table")
     evaluate.set_defaults(func=run_eval)
@@ -450,23 +469,59 @@ def build_parser() -> argparse.ArgumentParser:
 
 def one_line(error: BaseException) -> str:
     """An exception as one line: its message with line breaks folded; the type too when it is not a plain
-    input error (ValueError, TypeError, OSError), with a hint to look at the traceback."""
+    input error (ValueError, TypeError, OSError), with a hint to look at the traceback. A network error (the
+    Hub did not answer) says so and what to do."""
     message = " ".join(str(error).split()) or type(error).__name__
+    if not isinstance(error, (ValueError, OSError)) and is_network_error(error):
+        from huggingface_hub import constants
+
+        return (f"cannot reach the Hub at {constants.ENDPOINT} ({type(error).__name__}: {message}); check the network "
+                "(and HF_ENDPOINT / proxy settings), or use cached models with HF_HUB_OFFLINE=1")
     if isinstance(error, (ValueError, TypeError, OSError)):
         return message
     return f"{type(error).__name__}: {message} (unexpected: rerun with --debug for the traceback)"
 
 
+@contextmanager
+def progress_bars_on_terminal_only() -> Iterator[None]:
+    """transformers' and huggingface_hub's own bars ("Loading weights", "Writing model shards", downloads) only
+    when stderr is a terminal, like this CLI's Progress; their previous setting is restored on exit."""
+    if sys.stderr.isatty():
+        yield
+        return
+    import huggingface_hub.utils as hub_utils
+    from transformers.utils import logging as transformers_logging
+
+    transformers_on, hub_on = transformers_logging.is_progress_bar_enabled(), not hub_utils.are_progress_bars_disabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if transformers_on:
+            transformers_logging.enable_progress_bar()
+        if hub_on:
+            hub_utils.enable_progress_bars()
+
+
+INTERRUPTED = 130  # 128 + SIGINT, as shells report a command ended by Ctrl-C
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; an error ends in one line on stderr and exit status 1 (--debug: the traceback)."""
+    """Run one command; an error ends in one line on stderr and exit status 1, Ctrl-C in one line and exit
+    status 130 (outputs are written to a staging folder that is removed); --debug: the traceback."""
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command != "eval":  # only `eval` passes arguments on (to lmms-eval)
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if rest and not args.passes_arguments_on:  # only `eval` passes arguments on (to lmms-eval)
+        args.command_parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.lmms_args = rest
     try:
-        with fewer_notices():
+        with fewer_notices(), progress_bars_on_terminal_only():
             return args.func(args)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"slimvlm {args.command}: interrupted (Ctrl-C)", file=sys.stderr)
+        return INTERRUPTED
     except Exception as error:
         if args.debug:
             raise

@@ -178,3 +178,25 @@ def test_the_makefile_installs_the_lmms_eval_this_package_names():
 def test_only_eval_passes_unknown_arguments_on():
     with pytest.raises(SystemExit):
         main(["demo", "--tasks", "x"])
+
+
+def test_eval_without_tasks_is_one_line_and_exit_1(capsys):
+    """lmms-eval alone logs an error and exits 0."""
+    assert main(["eval", "--model_args", f"pretrained={BUNDLED_MODEL}"]) == 1
+    assert capsys.readouterr().err == ("slimvlm eval: error: eval needs --tasks TASK[,TASK...], e.g. --tasks shapes_vqa "
+                                       "(the bundled task); `slimvlm eval --tasks list` lists every task\n")
+
+
+def test_an_unknown_task_or_a_failed_evaluation_is_one_line_and_exit_1(offline, tasks, capsys):
+    """lmms-eval alone prints a traceback and exits 0; --debug shows the traceback."""
+    assert main(["eval", "--tasks", "no_such_task", "--include_path", str(tasks)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("slimvlm eval: error: unknown task(s): no_such_task; `slimvlm eval --tasks list` lists every task")
+    assert err.count("\n") == 1 and "Traceback" not in err
+    bad = ["eval", "--tasks", "shapes_vqa", "--include_path", str(tasks), "--limit", "2",
+           "--model_args", f"pretrained={BUNDLED_MODEL},compression={{method: none}}"]
+    assert main(bad) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("slimvlm eval: error: model_args compression must be JSON") and err.count("\n") == 1, err
+    with pytest.raises(ValueError, match="model_args compression must be JSON"):
+        main([*bad, "--debug"])

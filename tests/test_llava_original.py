@@ -168,3 +168,20 @@ def test_the_cli_converts_an_original_folder(tmp_path, capsys):
     assert main(["convert-original", str(next_source), str(tmp_path / "next-stock"),
                  "--vision-tower", str(tmp_path / "next" / "tower")]) == 0
     assert LlavaNextForConditionalGeneration.from_pretrained(tmp_path / "next-stock").config.image_grid_pinpoints == PINPOINTS
+
+
+def test_voco_without_a_token_fails_before_an_original_folder_is_read(tmp_path, monkeypatch):
+    """The `<voco>` check runs before the original converter reads any weight (issue 18)."""
+    import slimvlm.conversion.llava_original as original
+
+    source = write_original(stock_llava(), tmp_path / "original", with_tower=False, anyres=False)
+    make_tokenizer(voco=False).save_pretrained(source)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights were read before the <voco> check")
+
+    monkeypatch.setattr(original, "read_state_dict", refuse)
+    with pytest.raises(ValueError, match="needs a <voco> token, and this checkpoint's tokenizer has none"):
+        convert_to_slim(source, tmp_path / "slim", {"method": "voco", "num_voco_tokens": 1},
+                        base_model="liuhaotian/llava-v1.5-7b", vision_tower=tmp_path / "tower")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["original", "tower"]

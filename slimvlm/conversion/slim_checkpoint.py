@@ -50,6 +50,10 @@ def convert_to_slim(
     step = progress or (lambda description: None)
     output = Path(output)
     refuse_existing(output, overwrite)
+    if (compression or {}).get("method") == "voco":  # every layout: before the original converters load weights
+        from transformers import AutoTokenizer
+
+        check_voco_token(AutoTokenizer.from_pretrained(source))
     if is_original_mgm_folder(source):
         return convert_original_mgm(source, output, compression, base_model=hub_model_id(base_model) if base_model else None,
                                     vision_tower=vision_tower, vision_tower_aux=vision_tower_aux, overwrite=overwrite,
@@ -107,14 +111,25 @@ def convert_original_to_slim(source, output: Path, compression: dict | None, bas
         return convert_to_slim(stock, output, compression, base_model=base_model, overwrite=overwrite, progress=progress)
 
 
+VOCO_FIX = "add it with slimvlm.voco.add_voco_token(model, processor) and train the model for VoCo first"
+
+
+def check_voco_token(tokenizer) -> None:
+    """ValueError unless the tokenizer has the `<voco>` token (compression method 'voco' needs it)."""
+    from ..voco import VOCO_TOKEN
+
+    if VOCO_TOKEN not in tokenizer.get_vocab():
+        raise ValueError(f"compression method 'voco' needs a {VOCO_TOKEN} token, and this checkpoint's tokenizer has "
+                         f"none; {VOCO_FIX}")
+
+
 def checked_voco_token_id(config, tokenizer) -> int:
     """The id of `<voco>` for a VoCo checkpoint: the tokenizer's, which must have an embedding row and agree with
     `config.voco_token_id` when that is set; ValueError otherwise."""
     from ..voco import VOCO_TOKEN
 
-    fix = "add it with slimvlm.voco.add_voco_token(model, processor) and train the model for VoCo first"
-    if VOCO_TOKEN not in tokenizer.get_vocab():
-        raise ValueError(f"compression method 'voco' needs a {VOCO_TOKEN} token, and this checkpoint's tokenizer has none; {fix}")
+    fix = VOCO_FIX
+    check_voco_token(tokenizer)
     token_id = tokenizer.convert_tokens_to_ids(VOCO_TOKEN)
     vocab_size = config.get_text_config().vocab_size
     if token_id >= vocab_size:

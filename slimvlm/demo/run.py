@@ -24,6 +24,7 @@ from .voco_shapes import evaluate_voco
 ASSETS = Path(__file__).parent / "assets"
 BUNDLED_MODEL = ASSETS / "tiny-shapes-llava"
 BUNDLED_VOCO_MODEL = ASSETS / "tiny-shapes-llava-voco"
+MAX_SAMPLES = 1000  # held-out questions per run: about 5 min on 2 CPU cores (48 take 15 s)
 
 
 @dataclass
@@ -136,15 +137,37 @@ def format_report(rows: list[DemoRow], samples, examples: int = 3) -> str:
     return "\n".join(lines)
 
 
+def check_samples(samples) -> None:
+    """ValueError unless `samples` is a whole number of held-out questions in 1..MAX_SAMPLES."""
+    if isinstance(samples, bool) or not isinstance(samples, int) or not 1 <= samples <= MAX_SAMPLES:
+        raise ValueError(f"--samples must be a whole number from 1 to {MAX_SAMPLES} (held-out questions to answer), "
+                         f"got {samples!r}")
+
+
+def check_voco_model(path, option: str = "--voco-model") -> None:
+    """ValueError unless the checkpoint at `path` is a VoCo one (compression method 'voco' and a `<voco>` id in its
+    config); reads only its config, so it fails before any weight loads."""
+    from ..auto import family_of
+
+    config = family_of(path).config.from_pretrained(path)
+    if config.compression.get("method") != "voco" or config.voco_token_id is None:
+        raise ValueError(f"{option} {path} is not a VoCo checkpoint (compression {config.compression}, voco_token_id "
+                         f"{config.voco_token_id}); give a VoCo-trained slim checkpoint (compression method 'voco'), "
+                         f"or leave {option} out")
+
+
 def run_demo(model_path=None, voco_model_path=None, samples: int = 48, seed: int = 0, image=None,
              question: str | None = None) -> str:
-    """Run the demo and return its report (the CLI prints it)."""
-    from ..cli import llava_prompt, load
+    """Run the demo and return its report (the CLI prints it). Every argument is checked before a weight loads."""
+    from ..inference import llava_prompt, load
 
+    check_samples(samples)
     torch.manual_seed(0)
     bundled = model_path is None
     model_path = BUNDLED_MODEL if bundled else model_path
-    if voco_model_path is None and bundled and (BUNDLED_VOCO_MODEL / "config.json").exists():
+    if voco_model_path is not None:
+        check_voco_model(voco_model_path)
+    elif bundled and (BUNDLED_VOCO_MODEL / "config.json").exists():
         voco_model_path = BUNDLED_VOCO_MODEL
     if image is not None:
         from PIL import Image

@@ -14,6 +14,7 @@ import json
 import re
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from . import MODEL_ID, register
@@ -102,13 +103,72 @@ def lmms_arguments(args: list[str]) -> list[str]:
 # ---------------------------------------------------------------------------------------- one run
 
 
+LIST_TASKS = ("list", "list_groups", "list_subtasks", "list_tags")
+
+
+def check_tasks_given(args: list[str]) -> None:
+    """ValueError unless an evaluation names its tasks (lmms-eval itself only logs an error and exits 0)."""
+    if (args and not args[0].startswith("-")) or {"-h", "--help"} & set(args) or option(args, "--config") is not None:
+        return  # a lmms-eval subcommand, its help, or a config file with the tasks
+    if not option(args, "--tasks"):
+        raise ValueError("eval needs --tasks TASK[,TASK...], e.g. --tasks shapes_vqa (the bundled task); "
+                         "`slimvlm eval --tasks list` lists every task")
+
+
+class _EvaluationFailed(BaseException):
+    """Carries an error of one lmms-eval evaluation past lmms-eval's own `except Exception` (which prints a
+    traceback and carries on with exit status 0), so that the CLI reports it in one line."""
+
+    def __init__(self, error: Exception):
+        super().__init__(error)
+        self.error = error
+
+
+@contextmanager
+def _evaluation_errors_raised():
+    """While lmms-eval runs: an exception of an evaluation (`lmms_eval.__main__.cli_evaluate_single`) leaves
+    lmms-eval as `_EvaluationFailed` instead of being printed as a traceback; the attribute is restored on exit."""
+    import lmms_eval.__main__ as lmms_main
+
+    original = lmms_main.cli_evaluate_single
+
+    def evaluate_single(*args, **kwargs):
+        try:
+            return original(*args, **kwargs)
+        except Exception as error:
+            if getattr(args[0] if args else kwargs.get("args"), "verbosity", None) == "DEBUG":
+                raise  # lmms-eval's own --verbosity DEBUG: its traceback, as it documents
+            raise _EvaluationFailed(error) from error
+
+    lmms_main.cli_evaluate_single = evaluate_single
+    try:
+        yield
+    finally:
+        lmms_main.cli_evaluate_single = original
+
+
+def _unknown_tasks(error: Exception) -> Exception:
+    """lmms-eval's "Tasks not found: a, b. Try `lmms-eval --tasks ...`" as a slimvlm eval message."""
+    found = re.match(r"Tasks not found: (.*?)\. Try", str(error))
+    if found is None:
+        return error
+    return ValueError(f"unknown task(s): {found.group(1)}; `slimvlm eval --tasks list` lists every task (bundled: "
+                      f"shapes_vqa; a task folder of your own: --include_path DIR)")
+
+
 def _run_lmms_eval(args: list[str]) -> None:
     from lmms_eval.cli.dispatch import main as lmms_eval_main
 
     saved = sys.argv
     sys.argv = ["lmms-eval", *args]
     try:
-        lmms_eval_main()
+        with _evaluation_errors_raised():
+            lmms_eval_main()
+    except _EvaluationFailed as failed:
+        error = _unknown_tasks(failed.error)
+        if error is failed.error:
+            raise error from None
+        raise error from failed.error
     except SystemExit as exit:
         if exit.code not in (0, None):
             raise RuntimeError(f"lmms-eval exited with status {exit.code}") from None
@@ -122,6 +182,7 @@ def evaluate(args: list[str]) -> tuple[Path | None, list[dict]]:
     next to the results."""
     from . import backend
 
+    check_tasks_given(args)
     register()
     args = lmms_arguments(args)
     output_path = option(args, "--output_path")
