@@ -3,11 +3,10 @@ generation and backends (specs/modern_families.md §8, M1-M8, M14)."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
-from qwen_builders import END_ID, IMAGE_ID, PAD_ID, START_ID, prompt, qwen2_5_config, qwen_image_processor, qwen_tokenizer, random_image, sharpen
+from qwen_builders import IMAGE_ID, VIDEO_ID, prompt, qwen2_5_config, qwen_image_processor, qwen_tokenizer, random_image, sharpen
+from qwen_reference import pruned_dense_inputs, reference_visionzip
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLModel
 
@@ -152,128 +151,17 @@ def test_processor_count_equals_model_count(models, tokenizer, ratios):
 # ---------------------------------------------------------------- M2: independent fp32 recomputation
 
 
-def loop_window_index(grid_thw, window_units: int) -> list[int]:
-    """The window permutation of merge units, built with loops: windows of window_units² units, window-major,
-    raster inside, per temporal step."""
-    order, offset = [], 0
-    for steps, gh, gw in grid_thw.tolist():
-        h, w = gh // 2, gw // 2
-        for t in range(steps):
-            for wy in range(0, h, window_units):
-                for wx in range(0, w, window_units):
-                    for y in range(wy, min(wy + window_units, h)):
-                        for x in range(wx, min(wx + window_units, w)):
-                            order.append(offset + t * h * w + y * w + x)
-        offset += steps * h * w
-    return order
-
-
-def reference_visionzip(stock, inputs, ratios):
-    """VisionZip recomputed the slow, obvious way on the stock tower (fp32, eager).
-
-    Returns per image: (keep list, dominant set, targets list, assignment dict, compressed features [K, D])
-    and the dense merged features E [Σ n, D]."""
-    tower = stock.model.visual
-    captured = {}
-
-    def hook(module, args, kwargs):
-        captured.update(hidden=args[0] if args else kwargs["hidden_states"], cu=kwargs["cu_seqlens"],
-                        cos_sin=kwargs["position_embeddings"])
-
-    handle = tower.blocks[-1].register_forward_pre_hook(hook, with_kwargs=True)
+def official_style_logits(stock, dense, items_by_modality, merged_by_modality):
+    embeds, positions, mask, _ = pruned_dense_inputs(stock.model, dense, items_by_modality, merged_by_modality,
+                                                     {"image": IMAGE_ID, "video": VIDEO_ID})
     with torch.no_grad():
-        merged = tower(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]).pooler_output
-    handle.remove()
-    block = tower.blocks[-1]
-    heads = block.attn.num_heads
-    with torch.no_grad():
-        qkv = block.attn.qkv(block.norm1(captured["hidden"])).reshape(captured["hidden"].shape[0], 3, heads, -1)
-    cos, sin = captured["cos_sin"]
-    half = qkv.shape[-1] // 2
-
-    def rope(x):  # x [N, H, Dh]
-        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos[:, None] + rotated * sin[:, None]
-
-    q, k = rope(qkv[:, 0].double()), rope(qkv[:, 1].double())
-    patches = q.shape[0]
-    received = torch.zeros(patches, dtype=torch.float64)
-    bounds = captured["cu"].tolist()
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        for h in range(heads):
-            logits = q[start:end, h] @ k[start:end, h].T / math.sqrt(q.shape[-1])
-            probabilities = torch.softmax(logits, dim=-1)
-            for j in range(end - start):
-                received[start + j] += probabilities[:, j].sum() / heads
-    window_units = stock.config.vision_config.window_size // 2 // 14
-    order = loop_window_index(inputs["image_grid_thw"], window_units)
-    units = patches // 4
-    scores = torch.zeros(units, dtype=torch.float64)
-    keys = torch.zeros(units, k.shape[-1], dtype=torch.float64)
-    for position, unit in enumerate(order):
-        scores[unit] = received[4 * position: 4 * position + 4].mean()
-        keys[unit] = k[4 * position: 4 * position + 4].mean(dim=0).mean(dim=0)
-    results, start = [], 0
-    for _, gh, gw in inputs["image_grid_thw"].tolist():
-        n = gh * gw // 4
-        score, key, features = scores[start:start + n], keys[start:start + n], merged[start:start + n].double()
-        d, c = max(1, int(ratios[0] * n)), max(1, int(ratios[1] * n))
-        if d + c >= n:
-            results.append((list(range(n)), set(range(n)), [], {}, features))
-            start += n
-            continue
-        dominant = set(torch.topk(score.float(), d).indices.tolist())
-        rest = [u for u in range(n) if u not in dominant]
-        step = max(1, len(rest) // c)
-        targets = rest[::step][:c]
-        assignment = {}
-        for u in rest:
-            if u in targets:
-                continue
-            similarities = [float(key[u] @ key[t] / (key[u].norm() * key[t].norm())) for t in targets]
-            assignment[u] = targets[similarities.index(max(similarities))]
-        keep = sorted(dominant | set(targets))
-        rows = []
-        for u in keep:
-            joined = [v for v, t in assignment.items() if t == u]
-            rows.append(features[u] + (torch.stack([features[v] for v in joined]).mean(0) if joined else 0))
-        results.append((keep, dominant, targets, assignment, torch.stack(rows)))
-        start += n
-    return results, merged
+        hidden = stock.model.language_model(inputs_embeds=embeds, position_ids=positions, attention_mask=mask)
+        return stock.lm_head(hidden.last_hidden_state)
 
 
-def official_style_logits(stock, dense_inputs, results, merged):
-    """The official LLM input: the dense sequence with stock ids, contextual rows written into their targets,
-    then pruned to text + kept tokens (positions, mask, embeddings gathered), through the stock language model."""
-    model = stock.model
-    with torch.no_grad():
-        embeds = model.get_input_embeddings()(dense_inputs["input_ids"])
-        positions, _ = model.get_rope_index(dense_inputs["input_ids"], dense_inputs["mm_token_type_ids"],
-                                            image_grid_thw=dense_inputs["image_grid_thw"],
-                                            attention_mask=dense_inputs["attention_mask"])
-        sizes = (dense_inputs["image_grid_thw"].prod(-1) // 4).tolist()
-        kept_image = []
-        for (keep, *_), size in zip(results, sizes):
-            kept_image.append(torch.zeros(size, dtype=torch.bool))
-            kept_image[-1][keep] = True
-        kept_image = torch.cat(kept_image)
-        dense_rows, offset = [], 0
-        for (keep, *_rest, compressed), size in zip(results, sizes):
-            block = merged[offset:offset + size].clone()
-            for slot, u in enumerate(keep):
-                block[u] = compressed[slot].to(block.dtype)
-            dense_rows.append(block)
-            offset += size
-        image_mask = dense_inputs["input_ids"] == IMAGE_ID
-        embeds = embeds.masked_scatter(image_mask[..., None], torch.cat(dense_rows).to(embeds.dtype))
-        keep_columns = ~image_mask
-        keep_columns[image_mask] = kept_image
-        batch = dense_inputs["input_ids"].shape[0]
-        assert batch == 1
-        columns = keep_columns[0]
-        hidden = model.language_model(inputs_embeds=embeds[:, columns], position_ids=positions[:, :, columns],
-                                      attention_mask=dense_inputs["attention_mask"][:, columns]).last_hidden_state
-        return stock.lm_head(hidden)
+def window_units(stock) -> int:
+    vision = stock.config.vision_config
+    return vision.window_size // vision.spatial_merge_size // vision.patch_size
 
 
 @pytest.mark.parametrize("ratios", RATIOS, ids=lambda r: f"{r[0]}/{r[1]}")
@@ -284,14 +172,15 @@ def test_visionzip_equals_independent_recomputation(models, tokenizer, size, rat
     image = random_image(*size, seed=size[0] + size[1])
     inputs = processor(tokenizer, visionzip(*ratios))(images=[image], text=[prompt()], return_tensors="pt")
     dense = processor(tokenizer)(images=[image], text=[prompt()], return_tensors="pt")
-    results, merged = reference_visionzip(stock, dense, ratios)
+    items, merged = reference_visionzip(stock.model.visual, dense["pixel_values"], dense["image_grid_thw"], ratios,
+                                        window_units(stock))
     with torch.no_grad():
         features = slim.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
         logits = slim(**inputs).logits
-    keep, dominant, targets, assignment, rows = results[0]
+    keep, rows, _ = items[0]
     assert features.visionzip_keep[0].tolist() == keep
     torch.testing.assert_close(features.pooler_output[0].double(), rows, rtol=1e-5, atol=1e-5)
-    expected = official_style_logits(stock, dense, results, merged)
+    expected = official_style_logits(stock, dense, {"image": items}, {"image": merged})
     assert logits.shape == expected.shape
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
 
