@@ -266,6 +266,17 @@ class SlimModelMixin(StockInitMixin):
                                        vision_feature_layer=vision_feature_layer,
                                        vision_feature_select_strategy=vision_feature_select_strategy,
                                        mm_encoder_outputs=mm_encoder_outputs, use_cache=use_cache, **media, **kwargs)
+        decoding = self._sparsevlm_checks(cache, kwargs)
+        inputs_embeds, visual_mask, encoded = self._merged_embeddings(
+            input_ids, pixel_values, inputs_embeds, vision_feature_layer, vision_feature_select_strategy,
+            image_sizes, mm_encoder_outputs, pixel_values_videos,
+        )
+        return self._sparsevlm_language_model(inputs_embeds, visual_mask, encoded, attention_mask, position_ids, cache,
+                                              decoding, use_cache, sparsevlm_plan, **kwargs)
+
+    def _sparsevlm_checks(self, cache, kwargs: dict) -> bool:
+        """Refuse what SparseVLM cannot do (a non-Llama decoder, a static cache, a foreign non-empty cache,
+        per-layer outputs); returns whether this forward continues a SparseVLM prefill (decoding)."""
         language_model = self.language_model
         if getattr(language_model, "rotary_emb", None) is None or not hasattr(language_model.layers[0].self_attn, "q_proj"):
             raise ValueError(
@@ -288,10 +299,12 @@ class SlimModelMixin(StockInitMixin):
                     f"{flag}=True is not supported under SparseVLM: pruning makes every layer's sequence shorter, so "
                     "there is no per-layer tensor to return; use compression {'method': 'none'} to inspect them"
                 )
-        inputs_embeds, visual_mask, encoded = self._merged_embeddings(
-            input_ids, pixel_values, inputs_embeds, vision_feature_layer, vision_feature_select_strategy,
-            image_sizes, mm_encoder_outputs, pixel_values_videos,
-        )
+        return decoding
+
+    def _sparsevlm_language_model(self, inputs_embeds, visual_mask, encoded: dict, attention_mask, position_ids, cache,
+                                  decoding: bool, use_cache, sparsevlm_plan=None, **kwargs):
+        """The language model under SparseVLM on the merged embeddings: a pruning prefill, or a decode step on its
+        cache. `position_ids`: [B, L], or M-RoPE [3, B, L] / [4, B, L] (Qwen-VL)."""
         kwargs.pop("return_dict", None)
         if decoding:
             hidden = sparsevlm_decode(self.language_model, inputs_embeds, cache, attention_mask,
