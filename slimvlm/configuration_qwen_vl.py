@@ -35,5 +35,14 @@ class SlimQwen2_5_VLConfig(SlimCompressionMixin, Qwen2_5_VLConfig):
     compression: dict | None = None
     voco_token_id: int | None = None
 
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if name == "compression" and self.compression["method"] == "voco":
+            self.__dict__["compression"] = {"method": "none"}
+            raise ValueError(
+                f"compression method 'voco' is not available for {type(self).__name__} yet (its M-RoPE layout, "
+                "specs/modern_families.md §6.2, is not implemented); use 'none', 'visionzip' or 'sparsevlm'"
+            )
+
 
 __all__ = ["SlimQwen2_5_VLConfig", "qwen_token_count"]

@@ -255,6 +255,58 @@ class SlimQwen2_5_VLModel(QwenVisionZipMixin, SlimModelMixin, Qwen2_5_VLModel):
             return self._forward_visionzip(cache=cache, **inputs)
         return super()._slim_forward(cache=cache, **inputs)
 
+    def _qwen_merged_embeddings(self, input_ids, inputs_embeds, pixel_values, pixel_values_videos, image_grid_thw,
+                                video_grid_thw, mm_encoder_outputs, **kwargs):
+        """Decoder input with the image and video features scattered in, as the stock forward builds it.
+
+        Returns (inputs_embeds [B, L, C], visual_mask [B, L] at every image/video placeholder, the encoder
+        outputs as `model_output` fields)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if (pixel_values is not None or pixel_values_videos is not None) and mm_encoder_outputs:
+            raise ValueError("You cannot specify both pixel_values/pixel_values_videos and mm_encoder_outputs at the same time")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        encoded = dict(mm_encoder_outputs or {})
+        if encoded.get("image") is None and pixel_values is not None:
+            encoded["image"] = self.get_image_features(pixel_values, image_grid_thw, return_dict=True, **kwargs)
+        if encoded.get("video") is None and pixel_values_videos is not None:
+            encoded["video"] = self.get_video_features(pixel_values_videos, video_grid_thw, return_dict=True, **kwargs)
+        visual_mask = torch.zeros(inputs_embeds.shape[:2], dtype=torch.bool, device=inputs_embeds.device)
+        for index, modality in enumerate(("image", "video")):
+            if encoded.get(modality) is None:
+                continue
+            features = torch.cat(list(encoded[modality].pooler_output)).to(inputs_embeds.device, inputs_embeds.dtype)
+            mask = self.get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds,
+                                             **{f"{modality}_features": features})[index]
+            visual_mask = visual_mask | mask[..., 0]
+            inputs_embeds = inputs_embeds.masked_scatter(mask, features)
+        return inputs_embeds, visual_mask, {"image_outputs": encoded.get("image"), "video_outputs": encoded.get("video")}
+
+    def _forward_sparsevlm(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
+                           inputs_embeds=None, use_cache=None, pixel_values=None, pixel_values_videos=None,
+                           image_grid_thw=None, video_grid_thw=None, mm_token_type_ids=None, second_per_grid_ts=None,
+                           mm_encoder_outputs=None, sparsevlm_plan=None, **kwargs):
+        """The stock forward with SparseVLM inside the language model (the shared wiring, with M-RoPE positions:
+        survivors keep their original (t, h, w), spec §6.1). The visual span is each sample's one image or video."""
+        media = dict(pixel_values=pixel_values, pixel_values_videos=pixel_values_videos, image_grid_thw=image_grid_thw,
+                     video_grid_thw=video_grid_thw, mm_token_type_ids=mm_token_type_ids,
+                     second_per_grid_ts=second_per_grid_ts, mm_encoder_outputs=mm_encoder_outputs)
+        if self.training:
+            return self._stock_forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                       cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, **media, **kwargs)
+        decoding = self._sparsevlm_checks(cache, kwargs)
+        embeds, visual_mask, encoded = self._qwen_merged_embeddings(
+            input_ids, inputs_embeds, pixel_values, pixel_values_videos, image_grid_thw, video_grid_thw,
+            mm_encoder_outputs)
+        if position_ids is None:
+            position_ids = self.compute_3d_position_ids(
+                input_ids=input_ids, image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw,
+                inputs_embeds=embeds, attention_mask=attention_mask, cache=cache if decoding else None,
+                second_per_grid_ts=second_per_grid_ts, mm_token_type_ids=mm_token_type_ids)
+        return self._sparsevlm_language_model(embeds, visual_mask, encoded, attention_mask, position_ids, cache,
+                                              decoding, use_cache, sparsevlm_plan, **kwargs)
+
     def _forward_visionzip(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
                            pixel_values=None, pixel_values_videos=None, image_grid_thw=None, video_grid_thw=None,
                            mm_token_type_ids=None, second_per_grid_ts=None, mm_encoder_outputs=None, **kwargs):
