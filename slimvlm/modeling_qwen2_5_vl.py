@@ -261,13 +261,8 @@ class SlimQwen2_5_VLModel(QwenVisionZipMixin, SlimModelMixin, Qwen2_5_VLModel):
 
         Returns (inputs_embeds [B, L, C], visual_mask [B, L] at every image/video placeholder, the encoder
         outputs as `model_output` fields)."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        if (pixel_values is not None or pixel_values_videos is not None) and mm_encoder_outputs:
-            raise ValueError("You cannot specify both pixel_values/pixel_values_videos and mm_encoder_outputs at the same time")
-        if inputs_embeds is None:
-            inputs_embeds = self.get_input_embeddings()(input_ids)
-        encoded = dict(mm_encoder_outputs or {})
+        inputs_embeds, encoded = self._embeddings_and_encoded(input_ids, inputs_embeds, pixel_values, pixel_values_videos,
+                                                              mm_encoder_outputs)
         if encoded.get("image") is None and pixel_values is not None:
             encoded["image"] = self.get_image_features(pixel_values, image_grid_thw, return_dict=True, **kwargs)
         if encoded.get("video") is None and pixel_values_videos is not None:

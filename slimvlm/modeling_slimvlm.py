@@ -318,6 +318,16 @@ class SlimModelMixin(StockInitMixin):
         return model_output(self.output_class, last_hidden_state=hidden,
                             cache=cache if use_cache is not False else None, **encoded)
 
+    def _embeddings_and_encoded(self, input_ids, inputs_embeds, pixel_values, pixel_values_videos, mm_encoder_outputs):
+        """The stock forward's input checks; returns (inputs_embeds, a copy of `mm_encoder_outputs` as a dict)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if (pixel_values is not None or pixel_values_videos is not None) and mm_encoder_outputs:
+            raise ValueError("You cannot specify both pixel_values/pixel_values_videos and mm_encoder_outputs at the same time")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        return inputs_embeds, dict(mm_encoder_outputs or {})
+
     def _merged_embeddings(self, input_ids, pixel_values, inputs_embeds, vision_feature_layer,
                            vision_feature_select_strategy, image_sizes, mm_encoder_outputs, pixel_values_videos=None):
         """Decoder input with the image (and video) features scattered in, as the stock forward builds it.
@@ -325,13 +335,8 @@ class SlimModelMixin(StockInitMixin):
         Returns (inputs_embeds [B, L, C], visual_mask [B, L] bool at every image/video placeholder, encoder
         outputs as `model_output` fields: {"image_outputs": ..., and "video_outputs": ... when a video was given}).
         """
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        if (pixel_values is not None or pixel_values_videos is not None) and mm_encoder_outputs:
-            raise ValueError("You cannot specify both pixel_values/pixel_values_videos and mm_encoder_outputs at the same time")
-        if inputs_embeds is None:
-            inputs_embeds = self.get_input_embeddings()(input_ids)
-        encoded = dict(mm_encoder_outputs or {})
+        inputs_embeds, encoded = self._embeddings_and_encoded(input_ids, inputs_embeds, pixel_values, pixel_values_videos,
+                                                              mm_encoder_outputs)
         if encoded.get("image") is None and pixel_values is not None:
             media = {"image_sizes": image_sizes} if image_sizes is not None else {}
             encoded["image"] = self.get_image_features(
