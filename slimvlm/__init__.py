@@ -19,9 +19,10 @@ from .modeling_llava_next import SlimLlavaNextForConditionalGeneration, SlimLlav
 from .modeling_mini_gemini import SlimMiniGeminiForConditionalGeneration, SlimMiniGeminiModel
 from .modeling_video_llava import SlimVideoLlavaForConditionalGeneration, SlimVideoLlavaModel
 from .processing_slimvlm import SlimLlavaNextProcessor, SlimLlavaProcessor, SlimMiniGeminiProcessor, SlimVideoLlavaProcessor
-from .configuration_qwen_vl import SlimQwen2_5_VLConfig
+from .configuration_qwen_vl import SlimQwen2_5_VLConfig, SlimQwen3VLConfig
 from .modeling_qwen2_5_vl import SlimQwen2_5_VLForConditionalGeneration, SlimQwen2_5_VLModel
-from .processing_qwen_vl import SlimQwen2_5_VLProcessor
+from .modeling_qwen3_vl import SlimQwen3VLForConditionalGeneration, SlimQwen3VLModel
+from .processing_qwen_vl import SlimQwen2_5_VLProcessor, SlimQwen3VLProcessor
 from .auto import AutoSlimModel, AutoSlimProcessor
 from .voco import VoCoCache, VoCoDataCollator, add_voco_token, build_voco_prompt, build_voco_text_prompt, freeze_vision_tower
 
@@ -33,6 +34,7 @@ FAMILIES = (
     (SlimMiniGeminiConfig, SlimMiniGeminiModel, SlimMiniGeminiForConditionalGeneration, SlimMiniGeminiProcessor),
     (SlimVideoLlavaConfig, SlimVideoLlavaModel, SlimVideoLlavaForConditionalGeneration, SlimVideoLlavaProcessor),
     (SlimQwen2_5_VLConfig, SlimQwen2_5_VLModel, SlimQwen2_5_VLForConditionalGeneration, SlimQwen2_5_VLProcessor),
+    (SlimQwen3VLConfig, SlimQwen3VLModel, SlimQwen3VLForConditionalGeneration, SlimQwen3VLProcessor),
 )
 for _config, _model, _generation, _processor in FAMILIES:
     AutoConfig.register(_config.model_type, _config, exist_ok=True)
@@ -60,6 +62,10 @@ __all__ = [
     "SlimQwen2_5_VLForConditionalGeneration",
     "SlimQwen2_5_VLModel",
     "SlimQwen2_5_VLProcessor",
+    "SlimQwen3VLConfig",
+    "SlimQwen3VLForConditionalGeneration",
+    "SlimQwen3VLModel",
+    "SlimQwen3VLProcessor",
     "SlimVideoLlavaConfig",
     "SlimVideoLlavaForConditionalGeneration",
     "SlimVideoLlavaModel",

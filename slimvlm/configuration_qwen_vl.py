@@ -7,7 +7,7 @@ image's merged tokens (specs/modern_families.md §3): `{"method": "visionzip", "
 
 from __future__ import annotations
 
-from transformers import Qwen2_5_VLConfig
+from transformers import Qwen2_5_VLConfig, Qwen3VLConfig
 
 from .configuration_slimvlm import SlimCompressionMixin
 from .visionzip import visionzip_counts
@@ -26,23 +26,44 @@ def qwen_token_count(compression: dict, grid_thw, spatial_merge_size: int) -> in
     return steps * sum(visionzip_counts(units, compression["dominant_ratio"], compression["contextual_ratio"]))
 
 
-class SlimQwen2_5_VLConfig(SlimCompressionMixin, Qwen2_5_VLConfig):
-    """`Qwen2_5_VLConfig` plus `compression`; a stock Qwen2.5-VL config.json loads into it unchanged."""
+class QwenConfigMixin(SlimCompressionMixin):
+    """Compression on the Qwen-VL configs: VisionZip counts are ratios; methods this family cannot run yet raise."""
 
-    model_type = "slim_qwen2_5_vl"
-    takes_videos = False  # per-frame counts are the same ratios: no separate video keys
     visionzip_ratios = True
-    compression: dict | None = None
-    voco_token_id: int | None = None
+    # Methods not implemented for this family (their layout is specified but not built yet).
+    unsupported_methods = ("voco",)
 
     def __setattr__(self, name, value):
         super().__setattr__(name, value)
-        if name == "compression" and self.compression["method"] == "voco":
+        if name == "compression" and self.compression["method"] in self.unsupported_methods:
+            method = self.compression["method"]
             self.__dict__["compression"] = {"method": "none"}
             raise ValueError(
-                f"compression method 'voco' is not available for {type(self).__name__} yet (its M-RoPE layout, "
-                "specs/modern_families.md §6.2, is not implemented); use 'none', 'visionzip' or 'sparsevlm'"
+                f"compression method {method!r} is not available for {type(self).__name__} yet "
+                "(specs/modern_families.md §6 is not implemented for it); use one of "
+                f"{[m for m in ('none', 'visionzip', 'sparsevlm') if m not in self.unsupported_methods]}"
             )
 
 
-__all__ = ["SlimQwen2_5_VLConfig", "qwen_token_count"]
+class SlimQwen2_5_VLConfig(QwenConfigMixin, Qwen2_5_VLConfig):
+    """`Qwen2_5_VLConfig` plus `compression`; a stock Qwen2.5-VL config.json loads into it unchanged."""
+
+    model_type = "slim_qwen2_5_vl"
+    compression: dict | None = None
+    voco_token_id: int | None = None
+
+
+class SlimQwen3VLConfig(QwenConfigMixin, Qwen3VLConfig):
+    """`Qwen3VLConfig` plus `compression`; a stock Qwen3-VL config.json loads into it unchanged.
+
+    VisionZip applies the same keep mask and merge to every DeepStack feature. SparseVLM (DeepStack order, spec
+    §6.1) and VoCo are not implemented for Qwen3-VL yet and raise.
+    """
+
+    model_type = "slim_qwen3_vl"
+    unsupported_methods = ("voco", "sparsevlm")
+    compression: dict | None = None
+    voco_token_id: int | None = None
+
+
+__all__ = ["SlimQwen2_5_VLConfig", "SlimQwen3VLConfig", "qwen_token_count"]

@@ -26,7 +26,8 @@ METHOD_TAGS = {"visionzip": "visionzip", "sparsevlm": "sparsevlm", "voco": "voco
 # for which the Hub wants no relation (it infers one from the files).
 BASE_MODEL_RELATIONS = {"voco": "finetune"}
 FAMILY_TAGS = {"slim_llava": "llava", "slim_llava_next": "llava-next", "slim_video_llava": "video-llava",
-               "slim_mini_gemini": "mini-gemini", "slim_qwen2_5_vl": "qwen2.5-vl"}
+               "slim_mini_gemini": "mini-gemini", "slim_qwen2_5_vl": "qwen2.5-vl",
+               "slim_qwen3_vl": "qwen3-vl"}
 METHOD_NOTES = {
     "none": "No compression: the stock model, wrapped.",
     "visionzip": (

@@ -104,6 +104,9 @@ def window_unit_order(grid_thw: torch.Tensor, spatial_merge_size: int, window_si
 class QwenVisionZipMixin:
     """VisionZip, placeholders and M-RoPE positions for the Qwen-VL base models (shared by Qwen2.5-VL and Qwen3-VL)."""
 
+    # Qwen3-VL writes one placeholder group per temporal step of a video (timestamps between them).
+    video_group_per_step = False
+
     def _visionzip_counts(self, units: int) -> tuple[int, int]:
         compression = self.config.compression
         return visionzip_counts(units, compression["dominant_ratio"], compression["contextual_ratio"])
@@ -184,9 +187,15 @@ class QwenVisionZipMixin:
         tokens_per_second = getattr(self.config.vision_config, "tokens_per_second", 1)
         visionzip_keep = visionzip_keep or {}
         positions = torch.zeros(3, *input_ids.shape, dtype=input_ids.dtype, device=input_ids.device)
-        grids = {1: iter(image_grid_thw if image_grid_thw is not None else ()),
-                 2: iter(video_grid_thw if video_grid_thw is not None else ())}
-        keeps = {1: iter(visionzip_keep.get("image") or ()), 2: iter(visionzip_keep.get("video") or ())}
+        video_grids = list(video_grid_thw) if video_grid_thw is not None else []
+        video_keeps = list(visionzip_keep.get("video") or [])
+        if self.video_group_per_step:  # one group (1, gh, gw) per step; its kept units re-based to the step
+            steps = [(int(g[0]), int(g[1]) * int(g[2]) // merge**2) for g in video_grids]
+            video_keeps = [k[(k >= t * n) & (k < (t + 1) * n)] - t * n
+                           for k, (steps_, n) in zip(video_keeps, steps) for t in range(steps_)]
+            video_grids = [torch.tensor([1, g[1], g[2]]) for g in video_grids for _ in range(int(g[0]))]
+        grids = {1: iter(image_grid_thw if image_grid_thw is not None else ()), 2: iter(video_grids)}
+        keeps = {1: iter(visionzip_keep.get("image") or ()), 2: iter(video_keeps)}
         seconds = iter(second_per_grid_ts if second_per_grid_ts is not None else [1] * input_ids.shape[1])
         deltas = []
         for b in range(input_ids.shape[0]):
@@ -213,16 +222,6 @@ class QwenVisionZipMixin:
             deltas.append((row.max() + 1 - row.shape[1]) if row.numel() else torch.tensor(0))
         return positions, torch.stack([torch.as_tensor(d) for d in deltas]).to(input_ids.device).view(-1, 1)
 
-
-class SlimQwen2_5_VLModel(QwenVisionZipMixin, SlimModelMixin, Qwen2_5_VLModel):
-    """`Qwen2_5_VLModel` whose `get_image_features` / `get_video_features` apply VisionZip (so `generate()`'s
-    pre-encoding does too) and whose prefill recomputes the kept tokens' M-RoPE positions."""
-
-    config: SlimQwen2_5_VLConfig
-    config_class = SlimQwen2_5_VLConfig
-    output_class = MultimodalBaseModelOutputWithPast
-    forward = slim_forward(Qwen2_5_VLModel)
-
     @can_return_tuple
     def get_image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor | None = None, **kwargs):
         """Merged image features, one [K_i, D] tensor per image in `pooler_output`; compressed under VisionZip
@@ -239,6 +238,70 @@ class SlimQwen2_5_VLModel(QwenVisionZipMixin, SlimModelMixin, Qwen2_5_VLModel):
             return super().get_video_features(pixel_values_videos, video_grid_thw, return_dict=True, **kwargs)
         return self._visionzip_features(pixel_values_videos, video_grid_thw, **kwargs)
 
+    def _slim_forward(self, cache=None, **inputs):
+        if self.config.compression["method"] == "visionzip":
+            return self._forward_visionzip(cache=cache, **inputs)
+        return super()._slim_forward(cache=cache, **inputs)
+
+    def _forward_visionzip(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
+                           pixel_values=None, pixel_values_videos=None, image_grid_thw=None, video_grid_thw=None,
+                           mm_token_type_ids=None, second_per_grid_ts=None, mm_encoder_outputs=None, **kwargs):
+        """The stock forward on compressed features, with the kept tokens' positions recomputed at prefill.
+
+        Every forward that consumes vision features recomputes rows 1-3 of the M-RoPE positions from the kept
+        indices (generate() builds them before it encodes the images), keeps a supplied text row 0, and sets
+        `rope_deltas`; decoding steps (no vision input) run as stock.
+        """
+        if (pixel_values is not None or pixel_values_videos is not None) and mm_encoder_outputs is not None:
+            raise ValueError("You cannot specify both pixel_values/pixel_values_videos and mm_encoder_outputs at the same time")
+        encoded = dict(mm_encoder_outputs or {})
+        if encoded.get("image") is None and pixel_values is not None:
+            encoded["image"] = self.get_image_features(pixel_values, image_grid_thw, return_dict=True)
+        if encoded.get("video") is None and pixel_values_videos is not None:
+            encoded["video"] = self.get_video_features(pixel_values_videos, video_grid_thw, return_dict=True)
+        media = {name: output for name, output in encoded.items() if output is not None}
+        if media:
+            if cache is not None and cache.get_seq_length() > 0:
+                raise ValueError(
+                    "VisionZip on Qwen-VL needs the whole prompt with its images in one prefill: got vision features with "
+                    f"a non-empty cache ({cache.get_seq_length()} tokens). Chunked prefill (prefill_chunk_size) and "
+                    "adding images to a continued conversation are not supported; run the prompt in one forward"
+                )
+            if input_ids is None or mm_token_type_ids is None:
+                raise ValueError(
+                    "VisionZip on Qwen-VL recomputes the kept tokens' M-RoPE positions from input_ids and "
+                    "mm_token_type_ids (the processor returns both); got "
+                    f"input_ids={'None' if input_ids is None else 'given'}, "
+                    f"mm_token_type_ids={'None' if mm_token_type_ids is None else 'given'}"
+                )
+            for name, output in media.items():
+                if getattr(output, "visionzip_keep", None) is None:
+                    raise ValueError(f"{name} features were not encoded under VisionZip (no visionzip_keep); encode them "
+                                     "with this model's get_image_features / get_video_features")
+            grids = {name: output.visionzip_grids for name, output in media.items()}
+            rows, deltas = self._compressed_rope_index(
+                input_ids, mm_token_type_ids, grids.get("image"), grids.get("video"), second_per_grid_ts,
+                attention_mask, {name: output.visionzip_keep for name, output in media.items()})
+            if position_ids is not None and position_ids.ndim == 3 and position_ids.shape[0] == 4:
+                rows = torch.cat([position_ids[:1], rows.to(position_ids.device)], dim=0)
+            position_ids = rows
+            self.rope_deltas = deltas
+        if second_per_grid_ts is not None:  # a Qwen2.5-VL argument (Qwen3-VL has none)
+            kwargs["second_per_grid_ts"] = second_per_grid_ts
+        return self._stock_forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                   cache=cache, image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw,
+                                   mm_token_type_ids=mm_token_type_ids, mm_encoder_outputs=encoded or None, **kwargs)
+
+
+class SlimQwen2_5_VLModel(QwenVisionZipMixin, SlimModelMixin, Qwen2_5_VLModel):
+    """`Qwen2_5_VLModel` whose `get_image_features` / `get_video_features` apply VisionZip (so `generate()`'s
+    pre-encoding does too) and whose prefill recomputes the kept tokens' M-RoPE positions."""
+
+    config: SlimQwen2_5_VLConfig
+    config_class = SlimQwen2_5_VLConfig
+    output_class = MultimodalBaseModelOutputWithPast
+    forward = slim_forward(Qwen2_5_VLModel)
+
     def get_rope_index(self, input_ids, mm_token_type_ids, image_grid_thw=None, video_grid_thw=None,
                        second_per_grid_ts=None, attention_mask=None, visionzip_keep=None, **kwargs):
         """Stock `get_rope_index`; under VisionZip for compressed groups (`visionzip_keep`: {"image": ..., "video": ...}
@@ -249,11 +312,6 @@ class SlimQwen2_5_VLModel(QwenVisionZipMixin, SlimModelMixin, Qwen2_5_VLModel):
                                           attention_mask=attention_mask, **kwargs)
         return self._compressed_rope_index(input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw,
                                            second_per_grid_ts, attention_mask, visionzip_keep)
-
-    def _slim_forward(self, cache=None, **inputs):
-        if self.config.compression["method"] == "visionzip":
-            return self._forward_visionzip(cache=cache, **inputs)
-        return super()._slim_forward(cache=cache, **inputs)
 
     def _qwen_merged_embeddings(self, input_ids, inputs_embeds, pixel_values, pixel_values_videos, image_grid_thw,
                                 video_grid_thw, mm_encoder_outputs, **kwargs):
@@ -302,57 +360,16 @@ class SlimQwen2_5_VLModel(QwenVisionZipMixin, SlimModelMixin, Qwen2_5_VLModel):
         return self._sparsevlm_language_model(embeds, visual_mask, encoded, attention_mask, position_ids, cache,
                                               decoding, use_cache, sparsevlm_plan, **kwargs)
 
-    def _forward_visionzip(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
-                           pixel_values=None, pixel_values_videos=None, image_grid_thw=None, video_grid_thw=None,
-                           mm_token_type_ids=None, second_per_grid_ts=None, mm_encoder_outputs=None, **kwargs):
-        """The stock forward on compressed features, with the kept tokens' positions recomputed at prefill.
-
-        Every forward that consumes vision features recomputes rows 1-3 of the M-RoPE positions from the kept
-        indices (generate() builds them before it encodes the images), keeps a supplied text row 0, and sets
-        `rope_deltas`; decoding steps (no vision input) run as stock.
-        """
-        if (pixel_values is not None or pixel_values_videos is not None) and mm_encoder_outputs is not None:
-            raise ValueError("You cannot specify both pixel_values/pixel_values_videos and mm_encoder_outputs at the same time")
-        encoded = dict(mm_encoder_outputs or {})
-        if encoded.get("image") is None and pixel_values is not None:
-            encoded["image"] = self.get_image_features(pixel_values, image_grid_thw, return_dict=True)
-        if encoded.get("video") is None and pixel_values_videos is not None:
-            encoded["video"] = self.get_video_features(pixel_values_videos, video_grid_thw, return_dict=True)
-        media = {name: output for name, output in encoded.items() if output is not None}
-        if media:
-            if cache is not None and cache.get_seq_length() > 0:
-                raise ValueError(
-                    "VisionZip on Qwen-VL needs the whole prompt with its images in one prefill: got vision features with "
-                    f"a non-empty cache ({cache.get_seq_length()} tokens). Chunked prefill (prefill_chunk_size) and "
-                    "adding images to a continued conversation are not supported; run the prompt in one forward"
-                )
-            if input_ids is None or mm_token_type_ids is None:
-                raise ValueError(
-                    "VisionZip on Qwen-VL recomputes the kept tokens' M-RoPE positions from input_ids and "
-                    "mm_token_type_ids (the processor returns both); got "
-                    f"input_ids={'None' if input_ids is None else 'given'}, "
-                    f"mm_token_type_ids={'None' if mm_token_type_ids is None else 'given'}"
-                )
-            for name, output in media.items():
-                if getattr(output, "visionzip_keep", None) is None:
-                    raise ValueError(f"{name} features were not encoded under VisionZip (no visionzip_keep); encode them "
-                                     "with this model's get_image_features / get_video_features")
-            grids = {name: output.visionzip_grids for name, output in media.items()}
-            rows, deltas = self._compressed_rope_index(
-                input_ids, mm_token_type_ids, grids.get("image"), grids.get("video"), second_per_grid_ts,
-                attention_mask, {name: output.visionzip_keep for name, output in media.items()})
-            if position_ids is not None and position_ids.ndim == 3 and position_ids.shape[0] == 4:
-                rows = torch.cat([position_ids[:1], rows.to(position_ids.device)], dim=0)
-            position_ids = rows
-            self.rope_deltas = deltas
-        return self._stock_forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                   cache=cache, image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw,
-                                   mm_token_type_ids=mm_token_type_ids, second_per_grid_ts=second_per_grid_ts,
-                                   mm_encoder_outputs=encoded or None, **kwargs)
-
-
 class QwenGenerationMixin:
-    """generate() checks shared by the Qwen-VL families."""
+    """generate() checks, expansion and loading shared by the Qwen-VL families."""
+
+    def image_tokens_summary(self) -> str:
+        """The visual tokens per image, in words (model cards)."""
+        compression = self.config.compression
+        if compression["method"] == "visionzip":
+            return (f"{compression['dominant_ratio']:g} + {compression['contextual_ratio']:g} of each image's "
+                    "merged tokens (VisionZip)")
+        return "each image's merged tokens (gh·gw/4)"
 
     def generate(self, *args, **kwargs):
         """`GenerationMixin.generate`; under VisionZip a chunked prefill raises (the kept tokens' positions are
@@ -409,14 +426,6 @@ class SlimQwen2_5_VLForConditionalGeneration(QwenGenerationMixin, SlimGeneration
     config: SlimQwen2_5_VLConfig
     config_class = SlimQwen2_5_VLConfig
     base_model_class = SlimQwen2_5_VLModel
-
-    def image_tokens_summary(self) -> str:
-        """The visual tokens per image, in words (model cards)."""
-        compression = self.config.compression
-        if compression["method"] == "visionzip":
-            return (f"{compression['dominant_ratio']:g} + {compression['contextual_ratio']:g} of each image's "
-                    "merged tokens (VisionZip)")
-        return "each image's merged tokens (gh·gw/4)"
 
 
 def register_stock_weight_names(slim_class, stock_class) -> None:

@@ -10,7 +10,7 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import BatchFeature, Qwen2_5_VLProcessor
+from transformers import BatchFeature, Qwen2_5_VLProcessor, Qwen3VLProcessor
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.processing_utils import ProcessorMixin
 from transformers.video_utils import make_batched_videos
@@ -185,6 +185,36 @@ class SlimQwen2_5_VLProcessor(QwenCompressionProcessorMixin, Qwen2_5_VLProcessor
         return processed, replacements
 
 
-SlimQwen2_5_VLProcessor.register_for_auto_class("AutoProcessor")
+class SlimQwen3VLProcessor(QwenCompressionProcessorMixin, Qwen3VLProcessor):
+    """`Qwen3VLProcessor` whose image placeholder counts follow `compression`. Images only: Qwen3-VL's video
+    preprocessing (per-frame timestamps, joint frame budget) needs transformers' torchvision video processor and
+    is not reproduced here, so videos raise."""
 
-__all__ = ["SlimQwen2_5_VLProcessor"]
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, compression: dict | None = None,
+                 **kwargs):
+        kwargs.pop("video_processor", None)
+        self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
+        self.video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
+        self.image_token_id = getattr(tokenizer, "image_token_id", None) or tokenizer.convert_tokens_to_ids(self.image_token)
+        self.video_token_id = getattr(tokenizer, "video_token_id", None) or tokenizer.convert_tokens_to_ids(self.video_token)
+        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template, **kwargs)
+        self.vision_start_token, self.vision_end_token = "<|vision_start|>", "<|vision_end|>"
+        self.vision_start_token_id = tokenizer.convert_tokens_to_ids(self.vision_start_token)
+        self.vision_end_token_id = tokenizer.convert_tokens_to_ids(self.vision_end_token)
+        self.set_compression(compression)
+
+    def __call__(self, images=None, text=None, videos=None, **kwargs):
+        if videos is not None:
+            self._process_videos(videos)
+        return super().__call__(images=images, text=text, **kwargs)
+
+    def _process_videos(self, videos, **kwargs):
+        raise ValueError("SlimQwen3VLProcessor takes images only: Qwen3-VL video preprocessing needs transformers' "
+                         "torchvision video processor; pass pixel_values_videos / video_grid_thw you built yourself "
+                         "(one placeholder group per frame group, as the stock processor writes)")
+
+
+SlimQwen2_5_VLProcessor.register_for_auto_class("AutoProcessor")
+SlimQwen3VLProcessor.register_for_auto_class("AutoProcessor")
+
+__all__ = ["QwenFrameVideoProcessor", "SlimQwen2_5_VLProcessor", "SlimQwen3VLProcessor"]

@@ -65,3 +65,21 @@ def sharpen(model, scale: float = 4.0):
             if "language_model" in name or "lm_head" in name:
                 parameter.mul_(scale) if parameter.ndim == 2 else None
     return model
+
+
+def qwen3_config(**kwargs):
+    """Tiny Qwen3-VL (§7): the Qwen2.5 tiny vision sizes with patch 16, a 4 x 4 learned position table, DeepStack
+    after blocks 0 and 2; 3 text layers, head_dim 16, interleaved mrope [4, 2, 2]."""
+    from transformers import Qwen3VLConfig
+
+    return Qwen3VLConfig(
+        vision_config=dict(depth=4, hidden_size=64, num_heads=4, intermediate_size=128, patch_size=16,
+                           spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=16,
+                           deepstack_visual_indexes=[0, 2]),
+        text_config=dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16, intermediate_size=128, bos_token_id=1, eos_token_id=2,
+                         pad_token_id=0,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [4, 2, 2],
+                                          "mrope_interleaved": True}),
+        image_token_id=IMAGE_ID, video_token_id=VIDEO_ID, vision_start_token_id=START_ID, vision_end_token_id=END_ID,
+        **kwargs)

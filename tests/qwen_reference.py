@@ -145,3 +145,19 @@ def pruned_dense_inputs(model, dense, items_by_modality, merged_by_modality, tok
     assert dense["input_ids"].shape[0] == 1
     columns = keep_columns[0]
     return embeds[:, columns], positions[:, :, columns], dense["attention_mask"][:, columns], columns
+
+
+def assert_features_match(slim, inputs, items, modality: str = "image"):
+    """The Slim model's compressed features equal the reference's (same kept units; rows, DeepStack rows within
+    1e-5); returns the Slim model's logits on `inputs`."""
+    encode = slim.model.get_image_features if modality == "image" else slim.model.get_video_features
+    pixels = inputs["pixel_values"] if modality == "image" else inputs["pixel_values_videos"]
+    with torch.no_grad():
+        features = encode(pixels, inputs[f"{modality}_grid_thw"])
+        logits = slim(**inputs).logits
+    for index, (keep, rows, deep) in enumerate(items):
+        assert features.visionzip_keep[index].tolist() == keep
+        torch.testing.assert_close(features.pooler_output[index].double(), rows, rtol=1e-5, atol=1e-5)
+        for level, expected in enumerate(deep):
+            torch.testing.assert_close(features.deepstack_features[level][index].double(), expected, rtol=1e-5, atol=1e-5)
+    return logits

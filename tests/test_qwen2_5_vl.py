@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from qwen_builders import IMAGE_ID, VIDEO_ID, prompt, qwen2_5_config, qwen_image_processor, qwen_tokenizer, random_image, sharpen
-from qwen_reference import pruned_dense_inputs, reference_visionzip
+from qwen_reference import assert_features_match, pruned_dense_inputs, reference_visionzip
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLModel
 
@@ -174,12 +174,7 @@ def test_visionzip_equals_independent_recomputation(models, tokenizer, size, rat
     dense = processor(tokenizer)(images=[image], text=[prompt()], return_tensors="pt")
     items, merged = reference_visionzip(stock.model.visual, dense["pixel_values"], dense["image_grid_thw"], ratios,
                                         window_units(stock))
-    with torch.no_grad():
-        features = slim.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
-        logits = slim(**inputs).logits
-    keep, rows, _ = items[0]
-    assert features.visionzip_keep[0].tolist() == keep
-    torch.testing.assert_close(features.pooler_output[0].double(), rows, rtol=1e-5, atol=1e-5)
+    logits = assert_features_match(slim, inputs, items)
     expected = official_style_logits(stock, dense, {"image": items}, {"image": merged})
     assert logits.shape == expected.shape
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)

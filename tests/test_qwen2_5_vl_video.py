@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from qwen_builders import IMAGE_ID, VIDEO_ID, prompt, qwen2_5_config, qwen_image_processor, qwen_tokenizer, random_image, sharpen
-from qwen_reference import pruned_dense_inputs, reference_visionzip
+from qwen_reference import assert_features_match, pruned_dense_inputs, reference_visionzip
 from transformers import Qwen2_5_VLForConditionalGeneration
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
@@ -125,11 +125,7 @@ def test_video_visionzip_equals_independent_recomputation(models, tokenizer, fra
     vision = stock.config.vision_config
     items, merged = reference_visionzip(stock.model.visual, dense["pixel_values_videos"], dense["video_grid_thw"],
                                         (0.45, 0.05), vision.window_size // 2 // vision.patch_size)
-    with torch.no_grad():
-        features = slim.model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])
-        logits = slim(**inputs).logits
-    assert features.visionzip_keep[0].tolist() == items[0][0]
-    torch.testing.assert_close(features.pooler_output[0].double(), items[0][1], rtol=1e-5, atol=1e-5)
+    logits = assert_features_match(slim, inputs, items, "video")
     embeds, positions, mask, _ = pruned_dense_inputs(stock.model, dense, {"video": items}, {"video": merged},
                                                      {"image": IMAGE_ID, "video": VIDEO_ID})
     with torch.no_grad():

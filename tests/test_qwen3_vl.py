@@ -1,0 +1,124 @@
+"""Qwen3-VL: none = stock, VisionZip with DeepStack against the independent recomputation (the same keep mask and
+merge on every DeepStack feature), counts, generation, batch (specs/modern_families.md §1.2, §3, M1-M7)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from qwen_builders import IMAGE_ID, VIDEO_ID, prompt, qwen3_config, qwen_image_processor, qwen_tokenizer, random_image, sharpen
+from qwen_reference import assert_features_match, pruned_dense_inputs, reference_visionzip
+from transformers import Qwen3VLForConditionalGeneration
+
+from slimvlm import SlimQwen3VLConfig, SlimQwen3VLForConditionalGeneration, SlimQwen3VLProcessor
+
+SIZES = [(56, 84), (84, 56), (112, 112), (28, 28)]
+
+
+def visionzip(dominant=0.45, contextual=0.05):
+    return {"method": "visionzip", "dominant_ratio": dominant, "contextual_ratio": contextual}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    tokenizer = qwen_tokenizer()
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def processor(tokenizer, compression=None):
+    return SlimQwen3VLProcessor(image_processor=qwen_image_processor(patch_size=16), tokenizer=tokenizer,
+                                compression=compression)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    torch.manual_seed(0)
+    config = qwen3_config()
+    config._attn_implementation = "eager"
+    stock = sharpen(Qwen3VLForConditionalGeneration(config)).eval()
+    folder = tmp_path_factory.mktemp("qwen3")
+    stock.save_pretrained(folder)
+    slim, info = SlimQwen3VLForConditionalGeneration.from_pretrained(folder, attn_implementation="eager",
+                                                                     output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    return stock, slim.eval()
+
+
+def test_none_gives_stock_logits_and_tokens_bitwise(models, tokenizer):
+    stock, slim = models
+    slim.set_compression({"method": "none"})
+    inputs = processor(tokenizer)(images=[random_image(56, 84, 1), random_image(112, 112, 2)],
+                                  text=[prompt(), prompt(before="w5 w6 w7 w8")], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(stock(**inputs).logits, slim(**inputs).logits)
+    assert torch.equal(stock.generate(**inputs, max_new_tokens=8, do_sample=False),
+                       slim.generate(**inputs, max_new_tokens=8, do_sample=False))
+
+
+def test_sparsevlm_and_voco_are_refused():
+    for method in ({"method": "sparsevlm", "retained_tokens": 64}, {"method": "voco"}):
+        with pytest.raises(ValueError, match="not available"):
+            SlimQwen3VLConfig(compression=method)
+
+
+@pytest.mark.parametrize("ratios", [(0.45, 0.05), (0.65, 0.05), (0.95, 0.05)], ids=lambda r: f"{r[0]}/{r[1]}")
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_visionzip_with_deepstack_equals_independent_recomputation(models, tokenizer, size, ratios):
+    stock, slim = models
+    slim.set_compression(visionzip(*ratios))
+    image = random_image(*size, seed=size[0] * 3 + size[1])
+    inputs = processor(tokenizer, visionzip(*ratios))(images=[image], text=[prompt()], return_tensors="pt")
+    dense = processor(tokenizer)(images=[image], text=[prompt()], return_tensors="pt")
+    with torch.no_grad():
+        tower = stock.model.visual(dense["pixel_values"], grid_thw=dense["image_grid_thw"])
+    items, merged = reference_visionzip(stock.model.visual, dense["pixel_values"], dense["image_grid_thw"], ratios,
+                                        None, tower.pooler_output, tower.deepstack_features)
+    logits = assert_features_match(slim, inputs, items)
+    deep = items[0][2]
+    # The official-style LLM input: dense sequence pruned by keep; DeepStack rows pruned and merged the same way.
+    embeds, positions, mask, columns = pruned_dense_inputs(stock.model, dense, {"image": items}, {"image": merged},
+                                                           {"image": IMAGE_ID, "video": VIDEO_ID})
+    visual = (dense["input_ids"][0] == IMAGE_ID)[columns][None]
+    with torch.no_grad():
+        hidden = stock.model.language_model(inputs_embeds=embeds, position_ids=positions, attention_mask=mask,
+                                            visual_pos_masks=visual,
+                                            deepstack_visual_embeds=[level.to(embeds.dtype) for level in deep])
+        expected = stock.lm_head(hidden.last_hidden_state)
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_counts_processor_equals_model(models, tokenizer):
+    _, slim = models
+    slim.set_compression(visionzip())
+    images = [random_image(h, w, i) for i, (h, w) in enumerate(SIZES)]
+    inputs = processor(tokenizer, visionzip())(images=images, text=[" ".join(prompt() for _ in images)],
+                                               return_tensors="pt")
+    features = slim.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+    counts = [f.shape[0] for f in features.pooler_output]
+    assert counts[0] == 3 and int((inputs["input_ids"] == IMAGE_ID).sum()) == sum(counts)
+    assert processor(tokenizer, visionzip())._get_num_multimodal_tokens(image_sizes=SIZES).num_image_tokens == counts
+    with pytest.raises(ValueError, match="images only"):
+        processor(tokenizer, visionzip())(videos=[torch.zeros(4, 3, 32, 32)], text=["<|video_pad|>"])
+
+
+def test_generate_equals_cache_free_loop_and_batch_equals_alone(models, tokenizer):
+    _, slim = models
+    slim.set_compression(visionzip())
+    images, texts = [random_image(56, 84, 5), random_image(112, 112, 6)], [prompt(), prompt(before="w9 w8 w7 w6")]
+    inputs = processor(tokenizer, visionzip())(images=images, text=texts, padding=True, return_tensors="pt")
+    generated = slim.generate(**inputs, max_new_tokens=16, min_new_tokens=16, do_sample=False)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    for _ in range(16):
+        with torch.no_grad():
+            logits = slim(input_ids=ids, attention_mask=mask, mm_token_type_ids=(ids == IMAGE_ID).long(),
+                          pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"],
+                          use_cache=False).logits
+        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    assert torch.equal(generated, ids)
+    with torch.no_grad():
+        together = slim(**inputs).logits
+        for b in range(2):
+            alone = processor(tokenizer, visionzip())(images=[images[b]], text=[texts[b]], return_tensors="pt")
+            single = slim(**alone).logits
+            torch.testing.assert_close(together[b, -single.shape[1]:], single[0], rtol=1e-5, atol=1e-5)
