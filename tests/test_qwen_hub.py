@@ -70,3 +70,21 @@ def test_quantized_language_model_vision_in_full_precision(family, bits, tmp_pat
     generated = quantized.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert generated.shape[1] == inputs["input_ids"].shape[1] + 3
     assert "Qwen2_5_VLVisionBlock" in model._no_split_modules or "Qwen3VLVisionBlock" in model._no_split_modules
+
+
+def test_processor_loads_from_a_stock_folder_without_torchvision(tmp_path):
+    """A stock Qwen2.5-VL processor folder (Qwen2VLImageProcessor + a torchvision video processor config) loads into
+    the Slim processor: the PIL image processor, the frame preprocessing for videos."""
+    import json
+
+    qwen_tokenizer().save_pretrained(tmp_path)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "Qwen2VLImageProcessor", "min_pixels": 3136, "max_pixels": 1003520, "patch_size": 14,
+        "temporal_patch_size": 2, "merge_size": 2, "processor_class": "Qwen2_5_VLProcessor"}))
+    (tmp_path / "video_preprocessor_config.json").write_text(json.dumps({"video_processor_type": "Qwen2VLVideoProcessor"}))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl"}))
+    processor = SlimQwen2_5_VLProcessor.from_pretrained(tmp_path, compression={"method": "visionzip"})
+    assert type(processor.image_processor).__name__ == "Qwen2VLImageProcessorPil"
+    inputs = processor(images=[random_image(56, 84)], videos=[torch.zeros(4, 3, 56, 84, dtype=torch.uint8)],
+                       text=[prompt() + " <|vision_start|><|video_pad|><|vision_end|>"], return_tensors="pt")
+    assert int((inputs["input_ids"] == 290).sum()) == 3 and inputs["video_grid_thw"].shape == (1, 3)
