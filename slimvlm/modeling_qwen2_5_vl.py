@@ -18,12 +18,16 @@ from itertools import accumulate
 import torch
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLModel
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
-from transformers.modeling_outputs import BaseModelOutputWithPooling, MultimodalBaseModelOutputWithPast
+from transformers import modeling_outputs
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from .compat import can_return_tuple
+from .compat import call_with_cache, can_return_tuple
 from .configuration_qwen_vl import SlimQwen2_5_VLConfig, qwen_token_count
 from .modeling_slimvlm import SlimGenerationMixin, SlimModelMixin, slim_forward
 from .visionzip import attention_received, select_units, unit_scores_and_keys, visionzip_counts
+
+# What the stock Qwen-VL base forward returns: with the encoder outputs from transformers 5.24, plain before.
+QWEN_MODEL_OUTPUT = getattr(modeling_outputs, "MultimodalBaseModelOutputWithPast", modeling_outputs.BaseModelOutputWithPast)
 
 # bitsandbytes skip list (spec M12): the tower and its merger live in `model.visual`.
 QWEN_QUANTIZATION_SKIP_MODULES = ["model.visual", "lm_head"]
@@ -299,7 +303,7 @@ class SlimQwen2_5_VLModel(QwenVisionZipMixin, SlimModelMixin, Qwen2_5_VLModel):
 
     config: SlimQwen2_5_VLConfig
     config_class = SlimQwen2_5_VLConfig
-    output_class = MultimodalBaseModelOutputWithPast
+    output_class = QWEN_MODEL_OUTPUT
     forward = slim_forward(Qwen2_5_VLModel)
 
     def get_rope_index(self, input_ids, mm_token_type_ids, image_grid_thw=None, video_grid_thw=None,
@@ -353,10 +357,13 @@ class SlimQwen2_5_VLModel(QwenVisionZipMixin, SlimModelMixin, Qwen2_5_VLModel):
             input_ids, inputs_embeds, pixel_values, pixel_values_videos, image_grid_thw, video_grid_thw,
             mm_encoder_outputs)
         if position_ids is None:
-            position_ids = self.compute_3d_position_ids(
-                input_ids=input_ids, image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw,
-                inputs_embeds=embeds, attention_mask=attention_mask, cache=cache if decoding else None,
-                second_per_grid_ts=second_per_grid_ts, mm_token_type_ids=mm_token_type_ids)
+            position_ids = call_with_cache(
+                self.compute_3d_position_ids, input_ids=input_ids, image_grid_thw=image_grid_thw,
+                video_grid_thw=video_grid_thw, inputs_embeds=embeds, attention_mask=attention_mask,
+                cache=cache if decoding else None, second_per_grid_ts=second_per_grid_ts,
+                mm_token_type_ids=mm_token_type_ids)
+        fields = self.output_class.__dataclass_fields__
+        encoded = {name: value for name, value in encoded.items() if name in fields}  # transformers < 5.24: none
         return self._sparsevlm_language_model(embeds, visual_mask, encoded, attention_mask, position_ids, cache,
                                               decoding, use_cache, sparsevlm_plan, **kwargs)
 

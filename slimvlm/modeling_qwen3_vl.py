@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import torch
 from transformers import Qwen3VLForConditionalGeneration, Qwen3VLModel
-from transformers.modeling_outputs import MultimodalBaseModelOutputWithPast
 
 from .configuration_qwen_vl import SlimQwen3VLConfig
-from .modeling_qwen2_5_vl import QwenGenerationMixin, QwenVisionZipMixin, register_stock_weight_names
+from .modeling_qwen2_5_vl import QWEN_MODEL_OUTPUT, QwenGenerationMixin, QwenVisionZipMixin, register_stock_weight_names
 from .modeling_slimvlm import SlimGenerationMixin, SlimModelMixin, slim_forward
 
 
@@ -24,7 +23,7 @@ class SlimQwen3VLModel(QwenVisionZipMixin, SlimModelMixin, Qwen3VLModel):
 
     config: SlimQwen3VLConfig
     config_class = SlimQwen3VLConfig
-    output_class = MultimodalBaseModelOutputWithPast
+    output_class = QWEN_MODEL_OUTPUT
     forward = slim_forward(Qwen3VLModel)
     video_group_per_step = True
 

@@ -5,13 +5,14 @@ Shipped with checkpoints: imports only torch, numpy, transformers and flat sibli
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import BatchFeature, Qwen2_5_VLProcessor, Qwen3VLProcessor
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+# Qwen2-VL's resize target (multiples of patch·merge, area within the pixel bounds), from the PIL image processor:
+# the torchvision-free module, the same function the video processor uses.
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 from transformers.processing_utils import ProcessorMixin
 from transformers.video_utils import make_batched_videos
 
@@ -23,22 +24,6 @@ from .voco import voco_group_text
 # Qwen2VLVideoProcessor's defaults: per-frame pixel bounds, and the fps it assumes for frames without metadata.
 QWEN_VIDEO_SIZE = {"shortest_edge": 128 * 28 * 28, "longest_edge": 768 * 28 * 28}
 QWEN_DEFAULT_FPS = 24
-
-
-def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
-    """Qwen2-VL's resize target: both sides multiples of `factor`, the area within [min_pixels, max_pixels], the
-    aspect ratio kept as closely as possible (an aspect ratio above 200 raises)."""
-    if max(height, width) / min(height, width) > 200:
-        raise ValueError(f"absolute aspect ratio must be smaller than 200, got {max(height, width) / min(height, width)}")
-    h_bar, w_bar = round(height / factor) * factor, round(width / factor) * factor
-    if h_bar * w_bar > max_pixels:
-        beta = math.sqrt((height * width) / max_pixels)
-        h_bar = max(factor, math.floor(height / beta / factor) * factor)
-        w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h_bar, w_bar = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
-    return h_bar, w_bar
 
 
 def video_frames(video) -> torch.Tensor:
@@ -128,23 +113,22 @@ class QwenCompressionProcessorMixin:
         if self.compression["method"] != "visionzip":
             return data
         if image_sizes is not None:
-            # An image's patches are t·gh·gw with t = 1 (the processor duplicates it over the temporal patch).
-            images_kwargs = self.image_processor._merge_and_standardize_kwargs(
-                **self._merge_kwargs(**kwargs).get("images_kwargs", {}))
-            counts = []
-            for height, width in image_sizes:
-                grid_h, grid_w = self._image_grid(height, width, images_kwargs)
-                counts.append(self._tokens((1, grid_h, grid_w)))
-            data.num_image_tokens = counts
+            # An image is t·gh·gw patches with t = 1 (the processor duplicates it over the temporal patch).
+            given = {key: value for key, value in self._merge_kwargs(**kwargs).get("images_kwargs", {}).items()
+                     if value is not None}
+            data.num_image_tokens = [self._tokens((1, *self._image_grid(height, width, given)))
+                                     for height, width in image_sizes]
         return data
 
     def _image_grid(self, height: int, width: int, images_kwargs: dict) -> tuple[int, int]:
-        """(gh, gw) of an image of height x width: the image processor's smart_resize, in patches."""
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
-
-        patch, merge, size = images_kwargs["patch_size"], images_kwargs["merge_size"], images_kwargs["size"]
-        resized_h, resized_w = smart_resize(height, width, patch * merge, min_pixels=size.shortest_edge,
-                                            max_pixels=size.longest_edge)
+        """(gh, gw) of an image of height x width: the image processor's smart_resize (this call's `size`,
+        `patch_size`, `merge_size` first, else the image processor's), in patches."""
+        processor = self.image_processor
+        patch = images_kwargs.get("patch_size") or processor.patch_size
+        merge = images_kwargs.get("merge_size") or processor.merge_size
+        size = images_kwargs.get("size") or processor.size
+        bounds = [size[key] if isinstance(size, dict) else getattr(size, key) for key in ("shortest_edge", "longest_edge")]
+        resized_h, resized_w = smart_resize(height, width, patch * merge, *bounds)
         return resized_h // patch, resized_w // patch
 
 
