@@ -318,3 +318,28 @@ def test_auto_classes(tmp_path):
     model.save_pretrained(tmp_path)
     loaded = AutoModelForImageTextToText.from_pretrained(tmp_path)
     assert isinstance(loaded, SlimQwen2_5_VLForConditionalGeneration) and loaded.config.compression == visionzip()
+
+
+def test_bfloat16_runs_with_fp32_scores(models, tokenizer):
+    """Half precision (M10 on tiny random weights): the scores stay fp32, the kept sets match fp32 but for near-ties,
+    and generation runs."""
+    _, slim = models
+    slim.set_compression(visionzip())
+    inputs = batch_inputs(tokenizer, visionzip(), [random_image(112, 112, 14)], [prompt()])
+    with torch.no_grad():
+        keep32 = slim.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).visionzip_keep[0]
+        half = SlimQwen2_5_VLForConditionalGeneration(slim.config).eval()
+        half.load_state_dict(slim.state_dict())
+        half.to(torch.bfloat16)
+        hook_scores = []
+        handle = half.model.visual.blocks[-1].register_forward_pre_hook(
+            lambda module, args, kwargs: hook_scores.append(kwargs["hidden_states"].dtype if "hidden_states" in kwargs
+                                                              else args[0].dtype), with_kwargs=True)
+        features = half.model.get_image_features(inputs["pixel_values"].bfloat16(), inputs["image_grid_thw"])
+        handle.remove()
+    assert hook_scores == [torch.bfloat16] and features.pooler_output[0].dtype == torch.bfloat16
+    half_qk = torch.randn(8, 2, 4).bfloat16()
+    assert attention_received(half_qk, half_qk, [0, 8]).dtype == torch.float32
+    overlap = len(set(keep32.tolist()) & set(features.visionzip_keep[0].tolist()))
+    assert overlap >= len(keep32) - 2
+    assert half.generate(**inputs, max_new_tokens=3, do_sample=False).shape[1] == inputs["input_ids"].shape[1] + 3
