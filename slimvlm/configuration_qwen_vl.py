@@ -31,7 +31,7 @@ class QwenConfigMixin(SlimCompressionMixin):
 
     visionzip_ratios = True
     # Methods not implemented for this family (their layout is specified but not built yet).
-    unsupported_methods = ("voco",)
+    unsupported_methods = ()
 
     def __setattr__(self, name, value):
         super().__setattr__(name, value)

@@ -25,6 +25,7 @@ from .compat import call_with_cache, can_return_tuple
 from .configuration_qwen_vl import SlimQwen2_5_VLConfig, qwen_token_count
 from .modeling_slimvlm import SlimGenerationMixin, SlimModelMixin, slim_forward
 from .visionzip import attention_received, select_units, unit_scores_and_keys, visionzip_counts
+from .voco import positions_from_padding
 
 # What the stock Qwen-VL base forward returns: with the encoder outputs from transformers 5.24, plain before.
 QWEN_MODEL_OUTPUT = getattr(modeling_outputs, "MultimodalBaseModelOutputWithPast", modeling_outputs.BaseModelOutputWithPast)
@@ -340,6 +341,47 @@ class SlimQwen2_5_VLModel(QwenVisionZipMixin, SlimModelMixin, Qwen2_5_VLModel):
             inputs_embeds = inputs_embeds.masked_scatter(mask, features)
         return inputs_embeds, visual_mask, {"image_outputs": encoded.get("image"), "video_outputs": encoded.get("video")}
 
+    # ---- VoCo-LLaMA (spec §6.2): the shared mask rule and cache with M-RoPE positions ----
+
+    def _mrope_positions(self, input_ids, attention_mask, mm_token_type_ids, image_grid_thw, video_grid_thw,
+                         second_per_grid_ts):
+        """[4, B, L] = [text row (cumsum); stock 3-D ids] of a prompt; <voco> tokens are text-typed."""
+        if mm_token_type_ids is None:
+            raise ValueError("VoCo on Qwen-VL needs mm_token_type_ids (the processor returns them) for the 3-D positions")
+        rows, deltas = self.get_rope_index(input_ids, mm_token_type_ids, image_grid_thw=image_grid_thw,
+                                           video_grid_thw=video_grid_thw, second_per_grid_ts=second_per_grid_ts,
+                                           attention_mask=attention_mask)
+        self.rope_deltas = deltas
+        text = positions_from_padding(attention_mask, input_ids.shape[1]) if attention_mask is not None else \
+            torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
+        return torch.cat([text[None].to(rows.device), rows])
+
+    def _voco_prefix_positions(self, input_ids, attention_mask, positions, kwargs: dict):
+        kwargs = dict(kwargs)
+        types = kwargs.pop("mm_token_type_ids", None)
+        types = types[:, : input_ids.shape[1]] if types is not None else None
+        full = self._mrope_positions(input_ids, attention_mask, types, kwargs.get("image_grid_thw"),
+                                     kwargs.get("video_grid_thw"), kwargs.get("second_per_grid_ts"))
+        kwargs["mm_token_type_ids"] = types
+        return full, full[1], kwargs
+
+    def _forward_voco(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                      voco_cache=None, voco_bounds=None, voco_token_mask=None, mm_token_type_ids=None,
+                      image_grid_thw=None, video_grid_thw=None, second_per_grid_ts=None, **kwargs):
+        """The shared VoCo forward with the prompt's M-RoPE positions (computed here for a full-row forward
+        without a cache when none are given; text-only continuations use the given/cumsum positions)."""
+        media = dict(mm_token_type_ids=mm_token_type_ids, image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw)
+        if second_per_grid_ts is not None:
+            media["second_per_grid_ts"] = second_per_grid_ts
+        empty = cache is None or cache.get_seq_length() == 0
+        if position_ids is None and voco_cache is None and empty and input_ids is not None:
+            mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+            position_ids = self._mrope_positions(input_ids, mask, mm_token_type_ids, image_grid_thw, video_grid_thw,
+                                                 second_per_grid_ts)
+        return super()._forward_voco(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                     cache=cache, inputs_embeds=inputs_embeds, voco_cache=voco_cache,
+                                     voco_bounds=voco_bounds, voco_token_mask=voco_token_mask, **media, **kwargs)
+
     def _forward_sparsevlm(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
                            inputs_embeds=None, use_cache=None, pixel_values=None, pixel_values_videos=None,
                            image_grid_thw=None, video_grid_thw=None, mm_token_type_ids=None, second_per_grid_ts=None,
@@ -390,6 +432,8 @@ class QwenGenerationMixin:
                     f"prefill_chunk_size={chunk} is not supported under VisionZip on Qwen-VL: the kept tokens' M-RoPE "
                     "positions are recomputed from the whole prompt in one prefill; pass prefill_chunk_size=None"
                 )
+        if kwargs.get("voco_cache") is not None:
+            self.model.rope_deltas = None  # stage 2 continues from the cache's positions, never stage 1's δ (§6.2)
         return super().generate(*args, **kwargs)
 
     def _expand_multimodal_outputs(self, input_ids, mm_encoder_output, expand_size=1, inputs_embeds=None):

@@ -383,6 +383,12 @@ class SlimModelMixin(StockInitMixin):
         check_voco_groups(voco_token_mask, self.config.compression["num_voco_tokens"])
         return compute_voco_bounds(voco_token_mask)
 
+    def _voco_prefix_positions(self, input_ids, attention_mask, positions, kwargs: dict):
+        """(positions of the stage-1 prefix forward, 1-D positions [B, L] the VoCo tokens are cached at, the
+        forward's remaining kwargs) for `voco_compress`: the cumsum `positions` twice here; M-RoPE families give
+        their 3-D ids and, for the text-typed VoCo tokens, the row those ids share."""
+        return positions, positions, kwargs
+
     def _voco_layer_devices(self) -> list[torch.device]:
         return [next(layer.parameters()).device for layer in self.language_model.layers]
 
@@ -573,10 +579,12 @@ class SlimGenerationMixin(StockInitMixin):
         stop = int(group[:, -1].max()) + 1
         input_ids, attention_mask = input_ids[:, :stop], attention_mask[:, :stop]
         positions = positions_from_padding(attention_mask, stop)
+        forward_positions, positions, kwargs = self.model._voco_prefix_positions(input_ids, attention_mask, positions,
+                                                                                 kwargs)
         past = DynamicCache(config=self.config.text_config)
         # On the prefix the VoCo rule equals causal attention: any backend works here, FlashAttention included.
         self.model._stock_forward(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
-                                  position_ids=positions, cache=past, use_cache=True, **kwargs)
+                                  position_ids=forward_positions, cache=past, use_cache=True, **kwargs)
         keys, values = gather_voco_kv(past, group)
         metadata = self.voco_cache_metadata()
         if pixel_values is not None and pixel_values.shape[0] == keys.shape[0]:

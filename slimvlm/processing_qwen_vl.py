@@ -18,7 +18,7 @@ from transformers.video_utils import make_batched_videos
 
 from .configuration_qwen_vl import qwen_token_count
 from .configuration_slimvlm import normalize_compression
-from .voco import voco_group_text
+from .voco import VOCO_TOKEN
 
 
 # Qwen2VLVideoProcessor's defaults: per-frame pixel bounds, and the fps it assumes for frames without metadata.
@@ -95,13 +95,16 @@ class QwenCompressionProcessorMixin:
     def _tokens(self, grid_thw) -> int:
         return qwen_token_count(self.compression, grid_thw, self.image_processor.merge_size)
 
-    def _with_voco_group(self, placeholders: str) -> str:
-        if self.compression["method"] == "voco":
-            placeholders += voco_group_text(self.compression["num_voco_tokens"])
-        return placeholders
+    def __call__(self, images=None, text=None, videos=None, **kwargs):
+        """Under VoCo the K `<voco>` tokens follow each image's `<|vision_end|>` (spec §6.2), written here."""
+        if self.compression["method"] == "voco" and text is not None:
+            image_block = f"{self.image_token}<|vision_end|>"
+            group = image_block + VOCO_TOKEN * self.compression["num_voco_tokens"]
+            text = [sample.replace(image_block, group) for sample in ([text] if isinstance(text, str) else text)]
+        return super().__call__(images=images, text=text, videos=videos, **kwargs)
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
-        return self._with_voco_group(self.image_token * self._tokens(image_inputs["image_grid_thw"][image_idx]))
+        return self.image_token * self._tokens(image_inputs["image_grid_thw"][image_idx])
 
     def replace_video_token(self, video_inputs: dict, video_idx: int, **kwargs) -> str:
         return self.video_token * self._tokens(video_inputs["video_grid_thw"][video_idx])
@@ -190,7 +193,7 @@ class SlimQwen3VLProcessor(QwenCompressionProcessorMixin, Qwen3VLProcessor):
     def __call__(self, images=None, text=None, videos=None, **kwargs):
         if videos is not None:
             self._process_videos(videos)
-        return super().__call__(images=images, text=text, **kwargs)
+        return super().__call__(images=images, text=text, videos=None, **kwargs)
 
     def _process_videos(self, videos, **kwargs):
         raise ValueError("SlimQwen3VLProcessor takes images only: Qwen3-VL video preprocessing needs transformers' "

@@ -113,7 +113,3 @@ def test_batch_equals_each_sample_alone(model, tokenizer):
             assert model.sparsevlm_report.steps[0][0].kept.tolist() == steps[b][0].kept.tolist()
             torch.testing.assert_close(together[b, -1], single[0, -1], rtol=1e-5, atol=1e-5)
 
-
-def test_voco_is_refused_with_a_clear_error():
-    with pytest.raises(ValueError, match="voco"):
-        SlimQwen2_5_VLConfig(compression={"method": "voco"})
