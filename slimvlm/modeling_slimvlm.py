@@ -302,9 +302,10 @@ class SlimModelMixin(StockInitMixin):
         return decoding
 
     def _sparsevlm_language_model(self, inputs_embeds, visual_mask, encoded: dict, attention_mask, position_ids, cache,
-                                  decoding: bool, use_cache, sparsevlm_plan=None, **kwargs):
+                                  decoding: bool, use_cache, sparsevlm_plan=None, visual_injections=None, **kwargs):
         """The language model under SparseVLM on the merged embeddings: a pruning prefill, or a decode step on its
-        cache. `position_ids`: [B, L], or M-RoPE [3, B, L] / [4, B, L] (Qwen-VL)."""
+        cache. `position_ids`: [B, L], or M-RoPE [3, B, L] / [4, B, L] (Qwen-VL); `visual_injections`: DeepStack
+        rows per layer (Qwen3-VL, `sparsevlm.sparsevlm_prefill`)."""
         kwargs.pop("return_dict", None)
         if decoding:
             hidden = sparsevlm_decode(self.language_model, inputs_embeds, cache, attention_mask,
@@ -312,7 +313,8 @@ class SlimModelMixin(StockInitMixin):
         else:
             hidden, cache, report = sparsevlm_prefill(
                 self.language_model, inputs_embeds, visual_mask, self.config.compression, attention_mask,
-                position_ids, plan=sparsevlm_plan, noise=self.sparsevlm_noise, **kwargs,
+                position_ids, plan=sparsevlm_plan, noise=self.sparsevlm_noise, visual_injections=visual_injections,
+                **kwargs,
             )
             self.sparsevlm_report = report
         return model_output(self.output_class, last_hidden_state=hidden,

@@ -508,6 +508,61 @@ def _pack_left(sequences: list[torch.Tensor], positions: list[torch.Tensor], lik
     return hidden, mask, pos
 
 
+class VisualInjections:
+    """Per-layer rows added to the visual tokens (DeepStack), followed through SparseVLM's pruning.
+
+    Per sample, `maps[b]` [V_current, V_original] (None: the identity, nothing pruned yet) says which mix of the
+    sample's original rows each current visual token carries; `slots[b]` are its visual slots in the current hidden.
+    """
+
+    def __init__(self, levels: list[torch.Tensor], visual_mask: torch.Tensor, mask2d: torch.Tensor):
+        counts = visual_mask.sum(-1).tolist()
+        offsets = [0]
+        for count in counts:
+            offsets.append(offsets[-1] + count)
+        self.rows = [[level[offsets[b]: offsets[b + 1]] for b in range(len(counts))] for level in levels]
+        self.slots = [torch.nonzero(visual_mask[b]).squeeze(1) for b in range(len(counts))]
+        # Each sample's visual slots counted from its first real token (they move when a batch is re-packed).
+        first_real = mask2d.long().argmax(dim=-1)
+        self.offsets = [slots - first_real[b] for b, slots in enumerate(self.slots)]
+        self.maps: list[torch.Tensor | None] = [None] * len(counts)
+
+    def add(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden after decoder layer `layer`, with that level's rows added at the visual slots (as stock)."""
+        if layer >= len(self.rows):
+            return hidden
+        hidden = hidden.clone()
+        for b, slots in enumerate(self.slots):
+            if slots.numel() == 0:
+                continue
+            rows = self.rows[layer][b].to(hidden.device)
+            if self.maps[b] is not None:
+                rows = self.maps[b].to(rows.device) @ rows.float()
+            hidden[b, slots] = hidden[b, slots] + rows.to(hidden.dtype)
+        return hidden
+
+    def prune(self, b: int, chosen: "PruneStep") -> None:
+        """Sample b's visual tokens became [kept; recycled clusters]: so do their row mixes."""
+        current = self.maps[b]
+        if current is None:
+            current = torch.eye(self.slots[b].numel(), device=chosen.kept.device)
+        parts = [current[chosen.kept]]
+        if chosen.centres.numel():
+            parts.append(merge_clusters(current[chosen.recycled], chosen.assignment, chosen.centres.numel()))
+        self.maps[b] = torch.cat(parts)
+
+    def locate(self, mask2d: torch.Tensor, layout) -> None:
+        """The visual slots after a left-packing: [prefix v0 | visual count | text] among each row's real tokens."""
+        length = mask2d.shape[1]
+        for b, entry in enumerate(layout):
+            start = length - int(mask2d[b].sum())
+            if self.maps[b] is None:  # not pruned (no span, or nothing to rate with): same slots, re-packed
+                self.slots[b] = start + self.offsets[b]
+                continue
+            v0, count, _ = entry
+            self.slots[b] = torch.arange(start + v0, start + v0 + count, device=mask2d.device)
+
+
 def sparsevlm_prefill(
     language_model,
     inputs_embeds: torch.Tensor,
@@ -517,6 +572,7 @@ def sparsevlm_prefill(
     position_ids: torch.Tensor | None = None,
     plan: list[list[PruneStep]] | None = None,
     noise: NoiseFn | None = None,
+    visual_injections: list[torch.Tensor] | None = None,
     **layer_kwargs,
 ) -> tuple[torch.Tensor, SparseVLMCache, SparseVLMReport]:
     """Run a Llama-family decoder over a prompt, pruning visual tokens after the configured layers.
@@ -536,6 +592,11 @@ def sparsevlm_prefill(
         plan: replay these steps (per sample) instead of scoring, e.g. for a cache-free reference loop.
         noise: (step, sample, n) -> [n] DPC-KNN noise; default: a generator seeded with
             `compression["seed"]` and the step (batch-position independent, the global RNG is untouched).
+        visual_injections: DeepStack (Qwen3-VL): level j, [N_visual, C] rows in placeholder order over the batch,
+            is added to the visual tokens' hidden states after decoder layer j, as the stock text model does. At a
+            prune layer the add comes before the pruning (scores are that layer's attention, unaffected); later
+            levels follow the survivors: a kept token keeps its row, a recycled cluster takes the same weighted
+            mean of rows as its hidden state (specs/modern_families.md §6.1).
     Returns:
         hidden: [B, S_last, C] final-normed hidden states, left-padded (the last slot is each sample's last token).
         cache: the filled `SparseVLMCache`.
@@ -595,6 +656,7 @@ def sparsevlm_prefill(
     if version == "2.0" and plan is None:
         gravity_rule = GravityRule.for_model(language_model.rotary_emb, inputs_embeds, int(positions.max()))
 
+    injections = VisualInjections(visual_injections, visual_mask, mask2d) if visual_injections else None
     hidden = inputs_embeds
     for segment, start in enumerate(starts):
         end = starts[segment + 1] if segment + 1 < len(starts) else num_layers
@@ -606,6 +668,8 @@ def sparsevlm_prefill(
             layer = language_model.layers[index]
             layer_input = hidden
             hidden = _run_layer(layer, hidden, mask4d, (cos, sin), positions, cache, layer_kwargs)
+            if injections is not None:
+                hidden = injections.add(index, hidden)
         if segment + 1 == len(starts):
             break
         prune_layer = end - 1
@@ -639,6 +703,8 @@ def sparsevlm_prefill(
                 scores = visual_scores(probs, version, gravity, compression.get("num_priority_heads", 14))
                 chosen = plan_step(scores, budgets[b][step], version, visual_out, lambda n, b=b: noise(step, b, n))
             steps[b].append(chosen)
+            if injections is not None:
+                injections.prune(b, chosen)
             parts = [seq[:v0], visual_out[chosen.kept]]
             if chosen.centres.numel():
                 merged = merge_clusters(visual_out[chosen.recycled], chosen.assignment, chosen.centres.numel())
@@ -656,6 +722,8 @@ def sparsevlm_prefill(
             layout[b] = (v0, chosen.count, t)
             counts_per_step[b].append(chosen.count)
         hidden, mask2d, positions = _pack_left(sequences, new_positions, hidden)
+        if injections is not None:
+            injections.locate(mask2d, layout)
 
     hidden = language_model.norm(hidden)
     report = _make_report(spans, layout, raters, steps, counts_per_step, layers, num_layers, cache)
