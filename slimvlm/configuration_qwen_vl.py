@@ -56,12 +56,12 @@ class SlimQwen2_5_VLConfig(QwenConfigMixin, Qwen2_5_VLConfig):
 class SlimQwen3VLConfig(QwenConfigMixin, Qwen3VLConfig):
     """`Qwen3VLConfig` plus `compression`; a stock Qwen3-VL config.json loads into it unchanged.
 
-    VisionZip applies the same keep mask and merge to every DeepStack feature. SparseVLM (DeepStack order, spec
-    §6.1) and VoCo are not implemented for Qwen3-VL yet and raise.
+    VisionZip applies the same keep mask and merge to every DeepStack feature; under SparseVLM the DeepStack rows
+    follow the survivors (spec §6.1). VoCo is not implemented for Qwen3-VL yet and raises.
     """
 
     model_type = "slim_qwen3_vl"
-    unsupported_methods = ("voco", "sparsevlm")
+    unsupported_methods = ("voco",)
     compression: dict | None = None
     voco_token_id: int | None = None
 

@@ -297,27 +297,6 @@ class QwenVisionZipMixin:
                                    cache=cache, image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw,
                                    mm_token_type_ids=mm_token_type_ids, mm_encoder_outputs=encoded or None, **kwargs)
 
-
-class SlimQwen2_5_VLModel(QwenVisionZipMixin, SlimModelMixin, Qwen2_5_VLModel):
-    """`Qwen2_5_VLModel` whose `get_image_features` / `get_video_features` apply VisionZip (so `generate()`'s
-    pre-encoding does too) and whose prefill recomputes the kept tokens' M-RoPE positions."""
-
-    config: SlimQwen2_5_VLConfig
-    config_class = SlimQwen2_5_VLConfig
-    output_class = QWEN_MODEL_OUTPUT
-    forward = slim_forward(Qwen2_5_VLModel)
-
-    def get_rope_index(self, input_ids, mm_token_type_ids, image_grid_thw=None, video_grid_thw=None,
-                       second_per_grid_ts=None, attention_mask=None, visionzip_keep=None, **kwargs):
-        """Stock `get_rope_index`; under VisionZip for compressed groups (`visionzip_keep`: {"image": ..., "video": ...}
-        per item, else the first K ids of each group as placeholders until the prefill recomputes them)."""
-        if self.config.compression["method"] != "visionzip":
-            return super().get_rope_index(input_ids, mm_token_type_ids, image_grid_thw=image_grid_thw,
-                                          video_grid_thw=video_grid_thw, second_per_grid_ts=second_per_grid_ts,
-                                          attention_mask=attention_mask, **kwargs)
-        return self._compressed_rope_index(input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw,
-                                           second_per_grid_ts, attention_mask, visionzip_keep)
-
     def _qwen_merged_embeddings(self, input_ids, inputs_embeds, pixel_values, pixel_values_videos, image_grid_thw,
                                 video_grid_thw, mm_encoder_outputs, **kwargs):
         """Decoder input with the image and video features scattered in, as the stock forward builds it.
@@ -331,15 +310,26 @@ class SlimQwen2_5_VLModel(QwenVisionZipMixin, SlimModelMixin, Qwen2_5_VLModel):
         if encoded.get("video") is None and pixel_values_videos is not None:
             encoded["video"] = self.get_video_features(pixel_values_videos, video_grid_thw, return_dict=True, **kwargs)
         visual_mask = torch.zeros(inputs_embeds.shape[:2], dtype=torch.bool, device=inputs_embeds.device)
+        masks, deepstack = {}, None
         for index, modality in enumerate(("image", "video")):
             if encoded.get(modality) is None:
                 continue
             features = torch.cat(list(encoded[modality].pooler_output)).to(inputs_embeds.device, inputs_embeds.dtype)
             mask = self.get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds,
                                              **{f"{modality}_features": features})[index]
+            masks[modality] = mask[..., 0]
             visual_mask = visual_mask | mask[..., 0]
             inputs_embeds = inputs_embeds.masked_scatter(mask, features)
-        return inputs_embeds, visual_mask, {"image_outputs": encoded.get("image"), "video_outputs": encoded.get("video")}
+        levels = {modality: getattr(encoded[modality], "deepstack_features", None) for modality in masks}
+        if any(level is not None for level in levels.values()):  # Qwen3-VL: rows in placeholder order, as stock
+            deepstack = []
+            for per_modality in zip(*(levels[modality] for modality in masks)):
+                joint = inputs_embeds.new_zeros(int(visual_mask.sum()), inputs_embeds.shape[-1])
+                for modality, rows in zip(masks, per_modality):
+                    joint[masks[modality][visual_mask]] = torch.cat(list(rows)).to(joint.dtype)
+                deepstack.append(joint)
+        fields = {"image_outputs": encoded.get("image"), "video_outputs": encoded.get("video")}
+        return inputs_embeds, visual_mask, fields, deepstack
 
     # ---- VoCo-LLaMA (spec §6.2): the shared mask rule and cache with M-RoPE positions ----
 
@@ -390,24 +380,49 @@ class SlimQwen2_5_VLModel(QwenVisionZipMixin, SlimModelMixin, Qwen2_5_VLModel):
         survivors keep their original (t, h, w), spec §6.1). The visual span is each sample's one image or video."""
         media = dict(pixel_values=pixel_values, pixel_values_videos=pixel_values_videos, image_grid_thw=image_grid_thw,
                      video_grid_thw=video_grid_thw, mm_token_type_ids=mm_token_type_ids,
-                     second_per_grid_ts=second_per_grid_ts, mm_encoder_outputs=mm_encoder_outputs)
+                     mm_encoder_outputs=mm_encoder_outputs)
+        if second_per_grid_ts is not None:
+            media["second_per_grid_ts"] = second_per_grid_ts
         if self.training:
             return self._stock_forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                        cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, **media, **kwargs)
         decoding = self._sparsevlm_checks(cache, kwargs)
-        embeds, visual_mask, encoded = self._qwen_merged_embeddings(
+        embeds, visual_mask, encoded, deepstack = self._qwen_merged_embeddings(
             input_ids, inputs_embeds, pixel_values, pixel_values_videos, image_grid_thw, video_grid_thw,
             mm_encoder_outputs)
         if position_ids is None:
+            timing = {"second_per_grid_ts": second_per_grid_ts} if second_per_grid_ts is not None else {}
             position_ids = call_with_cache(
                 self.compute_3d_position_ids, input_ids=input_ids, image_grid_thw=image_grid_thw,
                 video_grid_thw=video_grid_thw, inputs_embeds=embeds, attention_mask=attention_mask,
-                cache=cache if decoding else None, second_per_grid_ts=second_per_grid_ts,
-                mm_token_type_ids=mm_token_type_ids)
+                cache=cache if decoding else None, mm_token_type_ids=mm_token_type_ids, **timing)
         fields = self.output_class.__dataclass_fields__
         encoded = {name: value for name, value in encoded.items() if name in fields}  # transformers < 5.24: none
         return self._sparsevlm_language_model(embeds, visual_mask, encoded, attention_mask, position_ids, cache,
-                                              decoding, use_cache, sparsevlm_plan, **kwargs)
+                                              decoding, use_cache, sparsevlm_plan, visual_injections=deepstack,
+                                              **kwargs)
+
+
+class SlimQwen2_5_VLModel(QwenVisionZipMixin, SlimModelMixin, Qwen2_5_VLModel):
+    """`Qwen2_5_VLModel` whose `get_image_features` / `get_video_features` apply VisionZip (so `generate()`'s
+    pre-encoding does too) and whose prefill recomputes the kept tokens' M-RoPE positions."""
+
+    config: SlimQwen2_5_VLConfig
+    config_class = SlimQwen2_5_VLConfig
+    output_class = QWEN_MODEL_OUTPUT
+    forward = slim_forward(Qwen2_5_VLModel)
+
+    def get_rope_index(self, input_ids, mm_token_type_ids, image_grid_thw=None, video_grid_thw=None,
+                       second_per_grid_ts=None, attention_mask=None, visionzip_keep=None, **kwargs):
+        """Stock `get_rope_index`; under VisionZip for compressed groups (`visionzip_keep`: {"image": ..., "video": ...}
+        per item, else the first K ids of each group as placeholders until the prefill recomputes them)."""
+        if self.config.compression["method"] != "visionzip":
+            return super().get_rope_index(input_ids, mm_token_type_ids, image_grid_thw=image_grid_thw,
+                                          video_grid_thw=video_grid_thw, second_per_grid_ts=second_per_grid_ts,
+                                          attention_mask=attention_mask, **kwargs)
+        return self._compressed_rope_index(input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw,
+                                           second_per_grid_ts, attention_mask, visionzip_keep)
+
 
 class QwenGenerationMixin:
     """generate() checks, expansion and loading shared by the Qwen-VL families."""

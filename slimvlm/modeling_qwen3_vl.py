@@ -45,7 +45,7 @@ class SlimQwen3VLModel(QwenVisionZipMixin, SlimModelMixin, Qwen3VLModel):
 
 
 class SlimQwen3VLForConditionalGeneration(QwenGenerationMixin, SlimGenerationMixin, Qwen3VLForConditionalGeneration):
-    """Qwen3-VL with `config.compression` ({"method": "none" | "visionzip", ...}); loads stock Qwen3-VL checkpoints,
+    """Qwen3-VL with `config.compression` ({"method": "none" | "visionzip" | "sparsevlm", ...}); loads stock Qwen3-VL checkpoints,
     and `{"method": "none"}` is the stock model."""
 
     config: SlimQwen3VLConfig

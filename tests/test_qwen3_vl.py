@@ -55,10 +55,9 @@ def test_none_gives_stock_logits_and_tokens_bitwise(models, tokenizer):
                        slim.generate(**inputs, max_new_tokens=8, do_sample=False))
 
 
-def test_sparsevlm_and_voco_are_refused():
-    for method in ({"method": "sparsevlm", "retained_tokens": 64}, {"method": "voco"}):
-        with pytest.raises(ValueError, match="not available"):
-            SlimQwen3VLConfig(compression=method)
+def test_voco_is_refused():
+    with pytest.raises(ValueError, match="not available"):
+        SlimQwen3VLConfig(compression={"method": "voco"})
 
 
 @pytest.mark.parametrize("ratios", [(0.45, 0.05), (0.65, 0.05), (0.95, 0.05)], ids=lambda r: f"{r[0]}/{r[1]}")
@@ -122,3 +121,75 @@ def test_generate_equals_cache_free_loop_and_batch_equals_alone(models, tokenize
             alone = processor(tokenizer, visionzip())(images=[images[b]], text=[texts[b]], return_tensors="pt")
             single = slim(**alone).logits
             torch.testing.assert_close(together[b, -single.shape[1]:], single[0], rtol=1e-5, atol=1e-5)
+
+
+def test_sparsevlm_deepstack_order_equals_a_step_by_step_reference(models, tokenizer):
+    """Prune at layer 0 < J = 2 (spec §6.1): decoder layer 0, DeepStack level 0 added, prune (kept + recycled
+    clusters), then level 1 added after layer 1 to the survivors' rows (a cluster: the same weighted mean of rows as
+    its hidden state). Recomputed here layer by layer on the stock modules with the model's own prune plan."""
+    stock, slim = models
+    slim.set_compression({"method": "sparsevlm", "version": "1.5", "layers": [0], "budgets": [200]})
+    inputs = processor(tokenizer)(images=[random_image(112, 112, 7)], text=[prompt()], return_tensors="pt")
+    with torch.no_grad():
+        logits = slim(**inputs).logits
+        step = slim.sparsevlm_report.steps[0][0]
+        model, language = stock.model, stock.model.language_model
+        features = model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+        ids = inputs["input_ids"][0]
+        visual = (ids == IMAGE_ID).nonzero().squeeze(1)
+        v0, count = int(visual[0]), visual.numel()
+        hidden = model.get_input_embeddings()(inputs["input_ids"])[0].clone()
+        hidden[visual] = features.pooler_output[0]
+        levels = [level[0] for level in features.deepstack_features]
+        positions, _ = model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
+                                            image_grid_thw=inputs["image_grid_thw"])
+        positions = positions[:, 0]
+
+        def run(layer, hidden, positions):
+            length = hidden.shape[0]
+            causal = torch.full((length, length), torch.finfo(hidden.dtype).min).triu(1)[None, None]
+            cos_sin = language.rotary_emb(hidden[None], positions[:, None])
+            return layer(hidden[None], attention_mask=causal, position_embeddings=cos_sin)[0]
+
+        def cluster_means(rows):
+            k = step.centres.numel()
+            sums = torch.zeros(k, rows.shape[1])
+            sizes = torch.zeros(k)
+            for i, c in enumerate(step.assignment.tolist()):
+                sizes[c] += 1
+            for i, c in enumerate(step.assignment.tolist()):
+                sums[c] += rows[step.recycled[i]] / (sizes[c] + 1e-6)
+            return sums
+
+        hidden = run(language.layers[0], hidden, positions)
+        hidden[visual] = hidden[visual] + levels[0]
+        vis, vis_pos = hidden[v0:v0 + count], positions[:, v0:v0 + count]
+        assert step.centres.numel() > 0
+        hidden = torch.cat([hidden[:v0], vis[step.kept], cluster_means(vis), hidden[v0 + count:]])
+        positions = torch.cat([positions[:, :v0], vis_pos[:, step.kept], vis_pos[:, step.recycled[step.centres]],
+                               positions[:, v0 + count:]], dim=1)
+        kept_rows = torch.cat([levels[1][step.kept], cluster_means(levels[1])])
+        hidden = run(language.layers[1], hidden, positions)
+        survivors = slice(v0, v0 + kept_rows.shape[0])
+        hidden[survivors] = hidden[survivors] + kept_rows
+        hidden = run(language.layers[2], hidden, positions)
+        expected = stock.lm_head(language.norm(hidden))[-1]
+    torch.testing.assert_close(logits[0, -1], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_sparsevlm_generate_equals_cache_free_replay(models, tokenizer):
+    _, slim = models
+    slim.set_compression({"method": "sparsevlm", "version": "1.5", "layers": [1], "budgets": [200]})
+    inputs = processor(tokenizer)(images=[random_image(56, 84, 8), random_image(112, 112, 9)],
+                                  text=[prompt(), prompt(before="w4 w5 w6 w7")], padding=True, return_tensors="pt")
+    generated = slim.generate(**inputs, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    plan = slim.sparsevlm_report.steps
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    for _ in range(8):
+        with torch.no_grad():
+            logits = slim(input_ids=ids, attention_mask=mask, mm_token_type_ids=(ids == IMAGE_ID).long(),
+                          pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"],
+                          sparsevlm_plan=plan, use_cache=False).logits
+        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    assert torch.equal(generated, ids)
