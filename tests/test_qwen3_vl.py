@@ -193,3 +193,41 @@ def test_sparsevlm_generate_equals_cache_free_replay(models, tokenizer):
         ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
     assert torch.equal(generated, ids)
+
+
+@pytest.mark.parametrize("frames", [8, 9])
+def test_video_frame_groups_equal_independent_recomputation(models, tokenizer, frames):
+    """Qwen3-VL videos: one placeholder group per temporal step (frame group); each step is a view, its K_f kept
+    tokens at their stock per-group ids; DeepStack rows merged with the same keep. Pixels are built with the
+    Qwen2-VL frame math at patch 16 (the Qwen3 processor's own video path needs torchvision)."""
+    from slimvlm.processing_qwen_vl import QwenFrameVideoProcessor
+
+    stock, slim = models
+    slim.set_compression(visionzip())
+    video = (torch.rand(frames, 64, 96, 3, generator=torch.Generator().manual_seed(frames)) * 255).to(torch.uint8)
+    pixels = QwenFrameVideoProcessor({"shortest_edge": 64 * 64, "longest_edge": 10**6}, patch_size=16)([video.numpy()])
+    grid = pixels["video_grid_thw"][0].tolist()
+    steps, units = grid[0], grid[1] * grid[2] // 4
+    assert steps == (frames + 1) // 2 and units == 6
+
+    def inputs_with(per_step: int):
+        groups = " ".join("<|vision_start|>" + "<|video_pad|>" * per_step + "<|vision_end|>" for _ in range(steps))
+        ids = tokenizer([f"w10 w11 {groups} w20 w21"], return_tensors="pt")["input_ids"]
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "mm_token_type_ids": 2 * (ids == VIDEO_ID).long(),
+                "pixel_values_videos": pixels["pixel_values_videos"], "video_grid_thw": pixels["video_grid_thw"]}
+
+    inputs, dense = inputs_with(3), inputs_with(units)
+    with torch.no_grad():
+        tower = stock.model.visual(dense["pixel_values_videos"], grid_thw=dense["video_grid_thw"])
+    items, merged = reference_visionzip(stock.model.visual, dense["pixel_values_videos"], dense["video_grid_thw"],
+                                        (0.45, 0.05), None, tower.pooler_output, tower.deepstack_features)
+    logits = assert_features_match(slim, inputs, items, "video")
+    embeds, positions, mask, columns = pruned_dense_inputs(stock.model, dense, {"video": items}, {"video": merged},
+                                                           {"image": IMAGE_ID, "video": VIDEO_ID})
+    visual = (dense["input_ids"][0] == VIDEO_ID)[columns][None]
+    with torch.no_grad():
+        hidden = stock.model.language_model(inputs_embeds=embeds, position_ids=positions, attention_mask=mask,
+                                            visual_pos_masks=visual,
+                                            deepstack_visual_embeds=[level.to(embeds.dtype) for level in items[0][2]])
+        expected = stock.lm_head(hidden.last_hidden_state)
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
