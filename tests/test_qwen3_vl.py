@@ -231,3 +231,16 @@ def test_video_frame_groups_equal_independent_recomputation(models, tokenizer, f
                                             deepstack_visual_embeds=[level.to(embeds.dtype) for level in items[0][2]])
         expected = stock.lm_head(hidden.last_hidden_state)
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_count_with_the_hub_minimum_pixels(models, tokenizer):
+    """§7: a 56x84 image under min_pixels 65,536 becomes 224 x 320 -> 280 patches -> 70 tokens; at r = 0.5, 31 + 3."""
+    _, slim = models
+    slim.set_compression(visionzip())
+    proc = SlimQwen3VLProcessor(image_processor=qwen_image_processor(min_pixels=65536, patch_size=16),
+                                tokenizer=tokenizer, compression=visionzip())
+    inputs = proc(images=[random_image(56, 84, 10)], text=[prompt()], return_tensors="pt")
+    assert inputs["image_grid_thw"].tolist() == [[1, 14, 20]]
+    assert int((inputs["input_ids"] == IMAGE_ID).sum()) == 34 == slim.model.visionzip_token_count([1, 14, 20])
+    features = slim.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+    assert features.pooler_output[0].shape[0] == 34
