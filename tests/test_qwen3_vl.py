@@ -68,20 +68,25 @@ def test_visionzip_with_deepstack_equals_independent_recomputation(models, token
     image = random_image(*size, seed=size[0] * 3 + size[1])
     inputs = processor(tokenizer, visionzip(*ratios))(images=[image], text=[prompt()], return_tensors="pt")
     dense = processor(tokenizer)(images=[image], text=[prompt()], return_tensors="pt")
+    check_against_reference(stock, slim, inputs, dense, "image", ratios)
+
+
+def check_against_reference(stock, slim, inputs, dense, modality, ratios):
+    """The Slim features (and DeepStack rows) equal the recomputation, and its logits equal the official-style
+    input: the dense sequence pruned by keep, DeepStack rows pruned and merged the same way, through the stock LM."""
+    pixels, grids = dense[f"pixel_values{'' if modality == 'image' else '_videos'}"], dense[f"{modality}_grid_thw"]
     with torch.no_grad():
-        tower = stock.model.visual(dense["pixel_values"], grid_thw=dense["image_grid_thw"])
-    items, merged = reference_visionzip(stock.model.visual, dense["pixel_values"], dense["image_grid_thw"], ratios,
-                                        None, tower.pooler_output, tower.deepstack_features)
-    logits = assert_features_match(slim, inputs, items)
-    deep = items[0][2]
-    # The official-style LLM input: dense sequence pruned by keep; DeepStack rows pruned and merged the same way.
-    embeds, positions, mask, columns = pruned_dense_inputs(stock.model, dense, {"image": items}, {"image": merged},
+        tower = stock.model.visual(pixels, grid_thw=grids)
+    items, merged = reference_visionzip(stock.model.visual, pixels, grids, ratios, None, tower.pooler_output,
+                                        tower.deepstack_features)
+    logits = assert_features_match(slim, inputs, items, modality)
+    token = IMAGE_ID if modality == "image" else VIDEO_ID
+    embeds, positions, mask, columns = pruned_dense_inputs(stock.model, dense, {modality: items}, {modality: merged},
                                                            {"image": IMAGE_ID, "video": VIDEO_ID})
-    visual = (dense["input_ids"][0] == IMAGE_ID)[columns][None]
     with torch.no_grad():
         hidden = stock.model.language_model(inputs_embeds=embeds, position_ids=positions, attention_mask=mask,
-                                            visual_pos_masks=visual,
-                                            deepstack_visual_embeds=[level.to(embeds.dtype) for level in deep])
+                                            visual_pos_masks=(dense["input_ids"][0] == token)[columns][None],
+                                            deepstack_visual_embeds=[level.to(embeds.dtype) for level in items[0][2]])
         expected = stock.lm_head(hidden.last_hidden_state)
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
 
@@ -216,21 +221,7 @@ def test_video_frame_groups_equal_independent_recomputation(models, tokenizer, f
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "mm_token_type_ids": 2 * (ids == VIDEO_ID).long(),
                 "pixel_values_videos": pixels["pixel_values_videos"], "video_grid_thw": pixels["video_grid_thw"]}
 
-    inputs, dense = inputs_with(3), inputs_with(units)
-    with torch.no_grad():
-        tower = stock.model.visual(dense["pixel_values_videos"], grid_thw=dense["video_grid_thw"])
-    items, merged = reference_visionzip(stock.model.visual, dense["pixel_values_videos"], dense["video_grid_thw"],
-                                        (0.45, 0.05), None, tower.pooler_output, tower.deepstack_features)
-    logits = assert_features_match(slim, inputs, items, "video")
-    embeds, positions, mask, columns = pruned_dense_inputs(stock.model, dense, {"video": items}, {"video": merged},
-                                                           {"image": IMAGE_ID, "video": VIDEO_ID})
-    visual = (dense["input_ids"][0] == VIDEO_ID)[columns][None]
-    with torch.no_grad():
-        hidden = stock.model.language_model(inputs_embeds=embeds, position_ids=positions, attention_mask=mask,
-                                            visual_pos_masks=visual,
-                                            deepstack_visual_embeds=[level.to(embeds.dtype) for level in items[0][2]])
-        expected = stock.lm_head(hidden.last_hidden_state)
-    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    check_against_reference(stock, slim, inputs_with(3), inputs_with(units), "video", (0.45, 0.05))
 
 
 def test_count_with_the_hub_minimum_pixels(models, tokenizer):
