@@ -112,9 +112,9 @@ def compare_settings(model, config, dtype_name: str, rows_of: list[tuple[str, in
     return rows
 
 
-def parse_args(doc: str, out: Path) -> argparse.Namespace:
+def parse_args(doc: str, out: Path, extra=()) -> argparse.Namespace:
     """The shared command line of the family speed benchmarks (re-executes with glibc's mmap threshold set, so
-    peak RSS reflects freed activations)."""
+    peak RSS reflects freed activations). extra: (flag, add_argument kwargs) pairs of a benchmark's own options."""
     if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -123,6 +123,8 @@ def parse_args(doc: str, out: Path) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=out)
+    for flag, options in extra:
+        parser.add_argument(flag, **options)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -22,6 +22,10 @@ from .configuration_llava_onevision import SlimLlavaOnevisionConfig
 from .modeling_llava_onevision import SlimLlavaOnevisionForConditionalGeneration, SlimLlavaOnevisionModel
 from .processing_llava_onevision import SlimLlavaOnevisionProcessor
 from .processing_slimvlm import SlimLlavaNextProcessor, SlimLlavaProcessor, SlimMiniGeminiProcessor, SlimVideoLlavaProcessor
+from .configuration_qwen_vl import SlimQwen2_5_VLConfig, SlimQwen3VLConfig
+from .modeling_qwen2_5_vl import SlimQwen2_5_VLForConditionalGeneration, SlimQwen2_5_VLModel
+from .modeling_qwen3_vl import SlimQwen3VLForConditionalGeneration, SlimQwen3VLModel
+from .processing_qwen_vl import SlimQwen2_5_VLProcessor, SlimQwen3VLProcessor
 from .auto import AutoSlimModel, AutoSlimProcessor
 from .voco import VoCoCache, VoCoDataCollator, add_voco_token, build_voco_prompt, build_voco_text_prompt, freeze_vision_tower
 
@@ -34,6 +38,8 @@ FAMILIES = (
     (SlimVideoLlavaConfig, SlimVideoLlavaModel, SlimVideoLlavaForConditionalGeneration, SlimVideoLlavaProcessor),
     (SlimLlavaOnevisionConfig, SlimLlavaOnevisionModel, SlimLlavaOnevisionForConditionalGeneration,
      SlimLlavaOnevisionProcessor),
+    (SlimQwen2_5_VLConfig, SlimQwen2_5_VLModel, SlimQwen2_5_VLForConditionalGeneration, SlimQwen2_5_VLProcessor),
+    (SlimQwen3VLConfig, SlimQwen3VLModel, SlimQwen3VLForConditionalGeneration, SlimQwen3VLProcessor),
 )
 for _config, _model, _generation, _processor in FAMILIES:
     AutoConfig.register(_config.model_type, _config, exist_ok=True)
@@ -61,6 +67,14 @@ __all__ = [
     "SlimMiniGeminiForConditionalGeneration",
     "SlimMiniGeminiModel",
     "SlimMiniGeminiProcessor",
+    "SlimQwen2_5_VLConfig",
+    "SlimQwen2_5_VLForConditionalGeneration",
+    "SlimQwen2_5_VLModel",
+    "SlimQwen2_5_VLProcessor",
+    "SlimQwen3VLConfig",
+    "SlimQwen3VLForConditionalGeneration",
+    "SlimQwen3VLModel",
+    "SlimQwen3VLProcessor",
     "SlimVideoLlavaConfig",
     "SlimVideoLlavaForConditionalGeneration",
     "SlimVideoLlavaModel",

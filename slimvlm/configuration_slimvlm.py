@@ -334,6 +334,49 @@ def _normalize_voco(compression: dict) -> dict:
     return {"method": "voco", "num_voco_tokens": count}
 
 
+VISIONZIP_CONTEXTUAL_RATIO = 0.05  # the official Qwen2.5-VL split: retain r = (r - 0.05) dominant + 0.05 contextual
+VISIONZIP_DEFAULT_RETAIN_RATIO = 0.5
+
+
+def _ratio(field: str, value: Any) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise CompressionTypeError(f"compression[{field!r}] for method 'visionzip' must be a number in (0, 1], "
+                                   f"got {value!r} ({type(value).__name__})")
+    if not 0 < value <= 1:
+        raise ValueError(f"compression[{field!r}] for method 'visionzip' must lie in (0, 1], got {value}")
+    return float(value)
+
+
+def _normalize_visionzip_ratios(compression: dict) -> dict:
+    """VisionZip counts as fractions of each image's merged tokens (variable-size families: Qwen2.5-VL, Qwen3-VL):
+    `dominant_ratio` + `contextual_ratio`, or `retain_ratio` r = (r - 0.05, 0.05); default r = 0.5."""
+    _check_keys(compression, "visionzip", {"dominant_ratio", "contextual_ratio", "retain_ratio"})
+    if "retain_ratio" in compression:
+        if "dominant_ratio" in compression or "contextual_ratio" in compression:
+            raise ValueError("compression for method 'visionzip' takes either 'retain_ratio' or 'dominant_ratio' + "
+                             f"'contextual_ratio', not both; got {compression}")
+        retain = _ratio("retain_ratio", compression["retain_ratio"])
+        if retain <= VISIONZIP_CONTEXTUAL_RATIO:
+            raise ValueError(f"compression['retain_ratio'] must exceed the contextual share {VISIONZIP_CONTEXTUAL_RATIO}, "
+                             f"got {retain}")
+        # round() so that e.g. 0.7 gives exactly the official 0.65 (0.7 - 0.05 is 0.6499999999999999 in floats).
+        dominant, contextual = round(retain - VISIONZIP_CONTEXTUAL_RATIO, 12), VISIONZIP_CONTEXTUAL_RATIO
+    elif "dominant_ratio" in compression or "contextual_ratio" in compression:
+        missing = [key for key in ("dominant_ratio", "contextual_ratio") if key not in compression]
+        if missing:
+            raise ValueError(f"compression for method 'visionzip' is missing {missing}; give 'dominant_ratio' and "
+                             f"'contextual_ratio' (e.g. 0.45 and 0.05) or 'retain_ratio' (e.g. 0.5); got {compression}")
+        dominant = _ratio("dominant_ratio", compression["dominant_ratio"])
+        contextual = _ratio("contextual_ratio", compression["contextual_ratio"])
+    else:
+        dominant = round(VISIONZIP_DEFAULT_RETAIN_RATIO - VISIONZIP_CONTEXTUAL_RATIO, 12)
+        contextual = VISIONZIP_CONTEXTUAL_RATIO
+    if dominant + contextual > 1 + 1e-12:
+        raise ValueError(f"compression dominant_ratio + contextual_ratio = {dominant} + {contextual} = "
+                         f"{dominant + contextual} exceeds 1 (they are fractions of each image's tokens)")
+    return {"method": "visionzip", "dominant_ratio": dominant, "contextual_ratio": contextual}
+
+
 def normalize_compression(
     compression: dict | None,
     tokens_per_view: int | None = None,
@@ -342,6 +385,7 @@ def normalize_compression(
     video: bool | tuple[int, int] = False,
     default_scope: str = "view",
     relevance_encoder: bool | None = False,
+    ratios: bool = False,
 ) -> dict:
     """Validate a compression dict and return its canonical form (a new dict).
 
@@ -355,6 +399,7 @@ def normalize_compression(
         default_scope: DivPrune's scope when not given ("image" on LLaVA-NeXT, the official global block).
         relevance_encoder: the checkpoint holds CDPruner's CLIP relevance encoder (then `relevance` defaults to "clip");
             None: unknown (processors), "clip" is then allowed but not the default.
+        ratios: VisionZip counts are fractions of each image's tokens (Qwen-VL families; `_normalize_visionzip_ratios`).
     """
     if compression is None:
         return {"method": "none"}
@@ -366,6 +411,8 @@ def normalize_compression(
     if method == "none":
         _check_keys(compression, "none", set())
         return {"method": "none"}
+    if method == "visionzip" and ratios:
+        return _normalize_visionzip_ratios(compression)
     if method == "visionzip":
         return _normalize_visionzip(compression, tokens_per_view, vision_feature_layer, video)
     if method == "sparsevlm":
@@ -407,9 +454,13 @@ class SlimCompressionMixin:
     # DivPrune's default scope for the family (specs/cdpruner.md §11).
     pruner_default_scope = "view"
 
+    # Whether VisionZip counts are ratios of each image's tokens (variable-size families).
+    visionzip_ratios = False
+
     def _compression_options(self) -> dict:
         return {"video": self.takes_videos, "default_scope": self.pruner_default_scope,
-                "relevance_encoder": self.__dict__.get("relevance_encoder_config") is not None}
+                "relevance_encoder": self.__dict__.get("relevance_encoder_config") is not None,
+                "ratios": self.visionzip_ratios}
 
     def _compression_bounds(self) -> tuple[int | None, int | None, Any]:
         vision_config = self.__dict__.get("vision_config")

@@ -27,13 +27,21 @@ METHOD_TAGS = {"visionzip": "visionzip", "sparsevlm": "sparsevlm", "voco": "voco
 # for which the Hub wants no relation (it infers one from the files).
 BASE_MODEL_RELATIONS = {"voco": "finetune"}
 FAMILY_TAGS = {"slim_llava": "llava", "slim_llava_next": "llava-next", "slim_video_llava": "video-llava",
-               "slim_mini_gemini": "mini-gemini", "slim_llava_onevision": "llava-onevision"}
+               "slim_mini_gemini": "mini-gemini", "slim_llava_onevision": "llava-onevision",
+               "slim_qwen2_5_vl": "qwen2.5-vl", "slim_qwen3_vl": "qwen3-vl"}
 METHOD_NOTES = {
     "none": "No compression: the stock model, wrapped.",
     "visionzip": (
         "VisionZip (training-free): each image keeps {dominant} dominant tokens (CLS included; highest CLS attention "
         "at vision layer L-2) and {contextual} contextual tokens (the rest merged by key similarity), before the "
         "projector: {tokens} visual tokens per image reach the language model."
+    ),
+    # Variable-size families (Qwen-VL): counts are fractions of each image's merged tokens.
+    "visionzip_ratios": (
+        "VisionZip (training-free, the official Qwen2.5-VL rule): each image keeps a fraction {dominant_ratio} of its "
+        "merged tokens as dominant tokens (most attention received in the last vision block) and {contextual_ratio} "
+        "as contextual tokens (the rest merged by key similarity), after the merger, at their original M-RoPE "
+        "positions: {tokens} per image reach the language model."
     ),
     "sparsevlm": (
         "SparseVLM v{version} (training-free): all visual tokens enter the language model; at decoder layers {layers} "
@@ -133,7 +141,8 @@ def model_card(
     body = [
         f"# {model_name or title}",
         "",
-        FAMILY_METHOD_NOTES.get((family, method), METHOD_NOTES[method]).format(**{**compression, "tokens": tokens_per_image}),
+        FAMILY_METHOD_NOTES.get((family, method), METHOD_NOTES["visionzip_ratios" if "dominant_ratio" in compression
+                                                                else method]).format(**{**compression, "tokens": tokens_per_image}),
         "",
         "```python",
         "from transformers import AutoModelForImageTextToText, AutoProcessor",

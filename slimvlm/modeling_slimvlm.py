@@ -566,6 +566,17 @@ class SlimModelMixin(StockInitMixin):
                                        vision_feature_layer=vision_feature_layer,
                                        vision_feature_select_strategy=vision_feature_select_strategy,
                                        mm_encoder_outputs=mm_encoder_outputs, use_cache=use_cache, **media, **kwargs)
+        decoding = self._sparsevlm_checks(cache, kwargs)
+        inputs_embeds, visual_mask, encoded = self._merged_embeddings(
+            input_ids, pixel_values, inputs_embeds, vision_feature_layer, vision_feature_select_strategy,
+            image_sizes, mm_encoder_outputs, pixel_values_videos,
+        )
+        return self._sparsevlm_language_model(inputs_embeds, visual_mask, encoded, attention_mask, position_ids, cache,
+                                              decoding, use_cache, sparsevlm_plan, **kwargs)
+
+    def _sparsevlm_checks(self, cache, kwargs: dict) -> bool:
+        """Refuse what SparseVLM cannot do (a non-Llama decoder, a static cache, a foreign non-empty cache,
+        per-layer outputs); returns whether this forward continues a SparseVLM prefill (decoding)."""
         language_model = self.language_model
         if getattr(language_model, "rotary_emb", None) is None or not hasattr(language_model.layers[0].self_attn, "q_proj"):
             raise ValueError(
@@ -588,10 +599,13 @@ class SlimModelMixin(StockInitMixin):
                     f"{flag}=True is not supported under SparseVLM: pruning makes every layer's sequence shorter, so "
                     "there is no per-layer tensor to return; use compression {'method': 'none'} to inspect them"
                 )
-        inputs_embeds, visual_mask, encoded = self._merged_embeddings(
-            input_ids, pixel_values, inputs_embeds, vision_feature_layer, vision_feature_select_strategy,
-            image_sizes, mm_encoder_outputs, pixel_values_videos,
-        )
+        return decoding
+
+    def _sparsevlm_language_model(self, inputs_embeds, visual_mask, encoded: dict, attention_mask, position_ids, cache,
+                                  decoding: bool, use_cache, sparsevlm_plan=None, visual_injections=None, **kwargs):
+        """The language model under SparseVLM on the merged embeddings: a pruning prefill, or a decode step on its
+        cache. `position_ids`: [B, L], or M-RoPE [3, B, L] / [4, B, L] (Qwen-VL); `visual_injections`: DeepStack
+        rows per layer (Qwen3-VL, `sparsevlm.sparsevlm_prefill`)."""
         kwargs.pop("return_dict", None)
         if decoding:
             hidden = sparsevlm_decode(self.language_model, inputs_embeds, cache, attention_mask,
@@ -599,11 +613,22 @@ class SlimModelMixin(StockInitMixin):
         else:
             hidden, cache, report = sparsevlm_prefill(
                 self.language_model, inputs_embeds, visual_mask, self.config.compression, attention_mask,
-                position_ids, plan=sparsevlm_plan, noise=self.sparsevlm_noise, **kwargs,
+                position_ids, plan=sparsevlm_plan, noise=self.sparsevlm_noise, visual_injections=visual_injections,
+                **kwargs,
             )
             self.sparsevlm_report = report
         return model_output(self.output_class, last_hidden_state=hidden,
                             cache=cache if use_cache is not False else None, **encoded)
+
+    def _embeddings_and_encoded(self, input_ids, inputs_embeds, pixel_values, pixel_values_videos, mm_encoder_outputs):
+        """The stock forward's input checks; returns (inputs_embeds, a copy of `mm_encoder_outputs` as a dict)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if (pixel_values is not None or pixel_values_videos is not None) and mm_encoder_outputs:
+            raise ValueError("You cannot specify both pixel_values/pixel_values_videos and mm_encoder_outputs at the same time")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        return inputs_embeds, dict(mm_encoder_outputs or {})
 
     def _merged_embeddings(self, input_ids, pixel_values, inputs_embeds, vision_feature_layer,
                            vision_feature_select_strategy, image_sizes, mm_encoder_outputs, pixel_values_videos=None):
@@ -612,13 +637,8 @@ class SlimModelMixin(StockInitMixin):
         Returns (inputs_embeds [B, L, C], visual_mask [B, L] bool at every image/video placeholder, encoder
         outputs as `model_output` fields: {"image_outputs": ..., and "video_outputs": ... when a video was given}).
         """
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        if (pixel_values is not None or pixel_values_videos is not None) and mm_encoder_outputs:
-            raise ValueError("You cannot specify both pixel_values/pixel_values_videos and mm_encoder_outputs at the same time")
-        if inputs_embeds is None:
-            inputs_embeds = self.get_input_embeddings()(input_ids)
-        encoded = dict(mm_encoder_outputs or {})
+        inputs_embeds, encoded = self._embeddings_and_encoded(input_ids, inputs_embeds, pixel_values, pixel_values_videos,
+                                                              mm_encoder_outputs)
         if encoded.get("image") is None and pixel_values is not None:
             media = {"image_sizes": image_sizes} if image_sizes is not None else {}
             encoded["image"] = self.get_image_features(
@@ -664,6 +684,12 @@ class SlimModelMixin(StockInitMixin):
         Video families return `VoCoSegments` (one group per frame, §7)."""
         check_voco_groups(voco_token_mask, self.config.compression["num_voco_tokens"])
         return compute_voco_bounds(voco_token_mask)
+
+    def _voco_prefix_positions(self, input_ids, attention_mask, positions, kwargs: dict):
+        """(positions of the stage-1 prefix forward, 1-D positions [B, L] the VoCo tokens are cached at, the
+        forward's remaining kwargs) for `voco_compress`: the cumsum `positions` twice here; M-RoPE families give
+        their 3-D ids and, for the text-typed VoCo tokens, the row those ids share."""
+        return positions, positions, kwargs
 
     def _voco_layer_devices(self) -> list[torch.device]:
         return [next(layer.parameters()).device for layer in self.language_model.layers]
@@ -863,10 +889,12 @@ class SlimGenerationMixin(StockInitMixin):
         stop = int(group[:, -1].max()) + 1
         input_ids, attention_mask = input_ids[:, :stop], attention_mask[:, :stop]
         positions = positions_from_padding(attention_mask, stop)
+        forward_positions, positions, kwargs = self.model._voco_prefix_positions(input_ids, attention_mask, positions,
+                                                                                 kwargs)
         past = DynamicCache(config=self.config.text_config)
         # On the prefix the VoCo rule equals causal attention: any backend works here, FlashAttention included.
         self.model._stock_forward(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
-                                  position_ids=positions, cache=past, use_cache=True, **kwargs)
+                                  position_ids=forward_positions, cache=past, use_cache=True, **kwargs)
         keys, values = gather_voco_kv(past, group)
         metadata = self.voco_cache_metadata()
         if pixel_values is not None and pixel_values.shape[0] == keys.shape[0]:

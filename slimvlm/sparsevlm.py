@@ -468,8 +468,19 @@ def _segment_mask(language_model, hidden: torch.Tensor, mask2d: torch.Tensor, ca
 
 
 def _run_layer(layer, hidden, mask, cos_sin, positions, cache, kwargs):
-    return run_decoder_layer(layer, hidden, cache=cache, attention_mask=mask, position_ids=positions,
+    # M-RoPE positions [3, B, L] live in cos/sin; the layer gets no 1-D position_ids then (as the stock Qwen-VL
+    # text model passes none for 3-row positions).
+    return run_decoder_layer(layer, hidden, cache=cache, attention_mask=mask,
+                             position_ids=positions if positions.ndim == 2 else None,
                              position_embeddings=cos_sin, **kwargs)
+
+
+def mrope_positions(position_ids: torch.Tensor | None) -> torch.Tensor | None:
+    """[3, B, L] M-RoPE rows (t, h, w) of `position_ids` ([3, B, L], or generate's [4, B, L] with a leading text
+    row), None for 1-D positions. Survivors keep their original 3-D ids (specs/modern_families.md §6.1)."""
+    if position_ids is None or position_ids.ndim != 3:
+        return None
+    return position_ids[-3:]
 
 
 def _rater_queries(layer, hidden_rows: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -483,17 +494,73 @@ def _rater_queries(layer, hidden_rows: torch.Tensor, cos: torch.Tensor, sin: tor
 
 
 def _pack_left(sequences: list[torch.Tensor], positions: list[torch.Tensor], like: torch.Tensor):
-    """Left-pad per-sample [L_b, C] sequences to [B, S, C] with a [B, S] mask and [B, S] positions."""
+    """Left-pad per-sample [L_b, C] sequences to [B, S, C] with a [B, S] mask and [B, S] positions ([3, B, S]
+    for M-RoPE positions [3, L_b])."""
     length = max(s.shape[0] for s in sequences)
     batch = len(sequences)
     hidden = like.new_zeros(batch, length, like.shape[-1])
     mask = torch.zeros(batch, length, dtype=torch.bool, device=like.device)
-    pos = torch.zeros(batch, length, dtype=torch.long, device=like.device)
+    pos = torch.zeros(*positions[0].shape[:-1], batch, length, dtype=torch.long, device=like.device)
     for b, (seq, p) in enumerate(zip(sequences, positions)):
         hidden[b, length - seq.shape[0] :] = seq
         mask[b, length - seq.shape[0] :] = True
-        pos[b, length - seq.shape[0] :] = p
+        pos[..., b, length - seq.shape[0] :] = p
     return hidden, mask, pos
+
+
+class VisualInjections:
+    """Per-layer rows added to the visual tokens (DeepStack), followed through SparseVLM's pruning.
+
+    Per sample, `maps[b]` [V_current, V_original] (None: the identity, nothing pruned yet) says which mix of the
+    sample's original rows each current visual token carries; `slots[b]` are its visual slots in the current hidden.
+    """
+
+    def __init__(self, levels: list[torch.Tensor], visual_mask: torch.Tensor, mask2d: torch.Tensor):
+        counts = visual_mask.sum(-1).tolist()
+        offsets = [0]
+        for count in counts:
+            offsets.append(offsets[-1] + count)
+        self.rows = [[level[offsets[b]: offsets[b + 1]] for b in range(len(counts))] for level in levels]
+        self.slots = [torch.nonzero(visual_mask[b]).squeeze(1) for b in range(len(counts))]
+        # Each sample's visual slots counted from its first real token (they move when a batch is re-packed).
+        first_real = mask2d.long().argmax(dim=-1)
+        self.offsets = [slots - first_real[b] for b, slots in enumerate(self.slots)]
+        self.maps: list[torch.Tensor | None] = [None] * len(counts)
+
+    def add(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden after decoder layer `layer`, with that level's rows added at the visual slots (as stock)."""
+        if layer >= len(self.rows):
+            return hidden
+        hidden = hidden.clone()
+        for b, slots in enumerate(self.slots):
+            if slots.numel() == 0:
+                continue
+            rows = self.rows[layer][b].to(hidden.device)
+            if self.maps[b] is not None:
+                rows = self.maps[b].to(rows.device) @ rows.float()
+            hidden[b, slots] = hidden[b, slots] + rows.to(hidden.dtype)
+        return hidden
+
+    def prune(self, b: int, chosen: "PruneStep") -> None:
+        """Sample b's visual tokens became [kept; recycled clusters]: so do their row mixes."""
+        current = self.maps[b]
+        if current is None:
+            current = torch.eye(self.slots[b].numel(), device=chosen.kept.device)
+        parts = [current[chosen.kept]]
+        if chosen.centres.numel():
+            parts.append(merge_clusters(current[chosen.recycled], chosen.assignment, chosen.centres.numel()))
+        self.maps[b] = torch.cat(parts)
+
+    def locate(self, mask2d: torch.Tensor, layout) -> None:
+        """The visual slots after a left-packing: [prefix v0 | visual count | text] among each row's real tokens."""
+        length = mask2d.shape[1]
+        for b, entry in enumerate(layout):
+            start = length - int(mask2d[b].sum())
+            if self.maps[b] is None:  # not pruned (no span, or nothing to rate with): same slots, re-packed
+                self.slots[b] = start + self.offsets[b]
+                continue
+            v0, count, _ = entry
+            self.slots[b] = torch.arange(start + v0, start + v0 + count, device=mask2d.device)
 
 
 def sparsevlm_prefill(
@@ -505,6 +572,7 @@ def sparsevlm_prefill(
     position_ids: torch.Tensor | None = None,
     plan: list[list[PruneStep]] | None = None,
     noise: NoiseFn | None = None,
+    visual_injections: list[torch.Tensor] | None = None,
     **layer_kwargs,
 ) -> tuple[torch.Tensor, SparseVLMCache, SparseVLMReport]:
     """Run a Llama-family decoder over a prompt, pruning visual tokens after the configured layers.
@@ -518,10 +586,17 @@ def sparsevlm_prefill(
         visual_mask: [B, L] bool, True at visual tokens (one contiguous span per sample, or none).
         compression: the normalised SparseVLM compression dict.
         attention_mask: [B, L] 2-D padding mask (1 = real); None = no padding.
-        position_ids: [B, L]; default cumsum(mask) - 1 (left-padding safe).
+        position_ids: [B, L]; default cumsum(mask) - 1 (left-padding safe). M-RoPE models (Qwen-VL): [3, B, L]
+            (or [4, B, L] with a text row first); survivors, also under v1.5, keep their original 3-D ids and a
+            recycled token takes its cluster centre's.
         plan: replay these steps (per sample) instead of scoring, e.g. for a cache-free reference loop.
         noise: (step, sample, n) -> [n] DPC-KNN noise; default: a generator seeded with
             `compression["seed"]` and the step (batch-position independent, the global RNG is untouched).
+        visual_injections: DeepStack (Qwen3-VL): level j, [N_visual, C] rows in placeholder order over the batch,
+            is added to the visual tokens' hidden states after decoder layer j, as the stock text model does. At a
+            prune layer the add comes before the pruning (scores are that layer's attention, unaffected); later
+            levels follow the survivors: a kept token keeps its row, a recycled cluster takes the same weighted
+            mean of rows as its hidden state (specs/modern_families.md §6.1).
     Returns:
         hidden: [B, S_last, C] final-normed hidden states, left-padded (the last slot is each sample's last token).
         cache: the filled `SparseVLMCache`.
@@ -542,7 +617,8 @@ def sparsevlm_prefill(
         mask2d = attention_mask.to(device=device, dtype=torch.bool)
     if position_ids is None:
         position_ids = (mask2d.long().cumsum(-1) - 1).clamp(min=0)
-    positions = position_ids.to(device).expand(batch, -1)
+    mrope = mrope_positions(position_ids)
+    positions = mrope.to(device) if mrope is not None else position_ids.to(device).expand(batch, -1)
     visual_mask = visual_mask.to(device=device, dtype=torch.bool)
     spans = visual_spans(visual_mask, mask2d)
     starts = _segment_starts(layers)
@@ -580,6 +656,7 @@ def sparsevlm_prefill(
     if version == "2.0" and plan is None:
         gravity_rule = GravityRule.for_model(language_model.rotary_emb, inputs_embeds, int(positions.max()))
 
+    injections = VisualInjections(visual_injections, visual_mask, mask2d) if visual_injections else None
     hidden = inputs_embeds
     for segment, start in enumerate(starts):
         end = starts[segment + 1] if segment + 1 < len(starts) else num_layers
@@ -591,6 +668,8 @@ def sparsevlm_prefill(
             layer = language_model.layers[index]
             layer_input = hidden
             hidden = _run_layer(layer, hidden, mask4d, (cos, sin), positions, cache, layer_kwargs)
+            if injections is not None:
+                hidden = injections.add(index, hidden)
         if segment + 1 == len(starts):
             break
         prune_layer = end - 1
@@ -599,7 +678,7 @@ def sparsevlm_prefill(
         keys_all = layer_keys(cache, prune_layer)[0]  # [B, H_kv, S, D]: this layer's rotated keys, all current tokens
         for b in range(batch):
             real = mask2d[b]
-            seq, pos = hidden[b][real], positions[b][real]
+            seq, pos = hidden[b][real], positions[..., b, :][..., real]  # pos [n] or [3, n]
             if layout[b] is None:
                 sequences.append(seq)
                 new_positions.append(pos)
@@ -618,26 +697,33 @@ def sparsevlm_prefill(
                 gravity = None
                 if version == "2.0":
                     vc, vs = cos[b][real][v0 : v0 + v], sin[b][real][v0 : v0 + v]
-                    distances = pos[rows][:, None] - pos[v0 : v0 + v][None, :]
+                    distances = pos[..., rows, None] - pos[..., None, v0 : v0 + v]
+                    distances = distances.amax(dim=0) if mrope is not None else distances  # the farthest axis
                     gravity = gravity_rule.apply(gravity_weights(rc, rs, vc, vs), distances)
                 scores = visual_scores(probs, version, gravity, compression.get("num_priority_heads", 14))
                 chosen = plan_step(scores, budgets[b][step], version, visual_out, lambda n, b=b: noise(step, b, n))
             steps[b].append(chosen)
+            if injections is not None:
+                injections.prune(b, chosen)
             parts = [seq[:v0], visual_out[chosen.kept]]
             if chosen.centres.numel():
                 merged = merge_clusters(visual_out[chosen.recycled], chosen.assignment, chosen.centres.numel())
                 parts.append(merged.to(seq.dtype))
             parts.append(seq[v0 + v :])
             new_seq = torch.cat(parts)
-            if version == "1.5":
+            if version == "1.5" and mrope is None:
                 new_pos = torch.arange(new_seq.shape[0], device=device)
             else:
-                new_pos = torch.cat([pos[:v0], pos[v0 : v0 + v][chosen.kept], pos[v0 + v :]])
+                visual_pos = pos[..., v0 : v0 + v]
+                new_pos = torch.cat([pos[..., :v0], visual_pos[..., chosen.kept],
+                                     visual_pos[..., chosen.recycled[chosen.centres]], pos[..., v0 + v :]], dim=-1)
             sequences.append(new_seq)
             new_positions.append(new_pos)
             layout[b] = (v0, chosen.count, t)
             counts_per_step[b].append(chosen.count)
         hidden, mask2d, positions = _pack_left(sequences, new_positions, hidden)
+        if injections is not None:
+            injections.locate(mask2d, layout)
 
     hidden = language_model.norm(hidden)
     report = _make_report(spans, layout, raters, steps, counts_per_step, layers, num_layers, cache)
@@ -694,6 +780,7 @@ def sparsevlm_decode(
     else:
         new_mask = attention_mask[:, -q:].to(device=device, dtype=torch.bool)
     offsets = new_mask.long().cumsum(-1) - 1  # [B, q]
+    mrope = mrope_positions(position_ids)  # M-RoPE: the given (original) positions in every segment
     if cache.version != "1.5" and position_ids is None:
         position_ids = (cache.segment_masks[0].long().sum(-1, keepdim=True) + offsets).clamp(min=0)
     starts = cache.segment_starts
@@ -706,7 +793,9 @@ def sparsevlm_decode(
         cache.segment_masks[segment] = mask2d
         if start >= end:
             continue
-        if cache.version == "1.5":
+        if mrope is not None:
+            positions = mrope.to(device)
+        elif cache.version == "1.5":
             positions = (past_mask.long().sum(-1, keepdim=True) + offsets).clamp(min=0)
         else:
             positions = position_ids.to(device).expand(batch, -1)

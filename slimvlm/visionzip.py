@@ -60,19 +60,18 @@ def cls_attention_and_keys(layer: nn.Module, hidden_states: torch.Tensor) -> tup
 ATTENTION_CHUNK_BYTES = 256 * 2**20
 
 
-def attention_received(query: torch.Tensor, key: torch.Tensor, scale: float,
-                       chunk_bytes: int = ATTENTION_CHUNK_BYTES) -> torch.Tensor:
-    """Attention each token receives, averaged over heads and queries: s_j = (1/(H·N)) Σ_h Σ_i softmax_j(q·kᵀ·scale)[i, j].
+def attention_received_sum(query: torch.Tensor, key: torch.Tensor, scale: float,
+                           chunk_bytes: int = ATTENTION_CHUNK_BYTES) -> torch.Tensor:
+    """Σ_h Σ_i softmax_j(q·kᵀ·scale)[i, j]: the softmax columns summed over heads and queries, in fp32.
 
-    The score of a tower without a CLS token (specs/modern_families.md §4). Computed in fp32 by streaming
-    query chunks against all keys, so no [H, N, N] map is ever held (chunk: at most `chunk_bytes` of
-    probabilities, and at least 64 queries); no attention mask (every view is attended whole).
+    Streams query chunks against all keys, so no [H, N, N] map is ever held (chunk: at most `chunk_bytes` of
+    probabilities, and at least 64 queries); no attention mask (the given tokens attend to each other whole).
 
     Args:
-        query, key: [B, H, N, Dh] the layer's queries and keys (before scaling).
+        query, key: [B, H, N, Dh] queries and keys (before scaling).
         scale: the attention's logit scale (Dh^-1/2).
     Returns:
-        [B, N] fp32 scores; each row sums to 1.
+        [B, N] fp32 sums.
     """
     query, key = query.float(), key.float().transpose(2, 3)
     batch, heads, length, _ = query.shape
@@ -83,7 +82,23 @@ def attention_received(query: torch.Tensor, key: torch.Tensor, scale: float,
         probs.sub_(probs.amax(dim=-1, keepdim=True)).exp_()  # the softmax in place: one chunk buffer
         probs.div_(probs.sum(dim=-1, keepdim=True))
         received += probs.sum(dim=(1, 2))
-    return received / (heads * length)
+    return received
+
+
+def attention_received(query: torch.Tensor, key: torch.Tensor, scale: float,
+                       chunk_bytes: int = ATTENTION_CHUNK_BYTES) -> torch.Tensor:
+    """Attention each token receives, averaged over heads and queries: s_j = (1/(H·N)) Σ_h Σ_i softmax_j(q·kᵀ·scale)[i, j].
+
+    The score of a tower without a CLS token (specs/modern_families.md §4), chunked (`attention_received_sum`).
+
+    Args:
+        query, key: [B, H, N, Dh] the layer's queries and keys (before scaling).
+        scale: the attention's logit scale (Dh^-1/2).
+    Returns:
+        [B, N] fp32 scores; each row sums to 1.
+    """
+    heads, length = query.shape[1], query.shape[2]
+    return attention_received_sum(query, key, scale, chunk_bytes) / (heads * length)
 
 
 def received_attention_and_keys(layer: nn.Module, hidden_states: torch.Tensor,
@@ -255,3 +270,132 @@ def visionzip_from_hidden_states(
     if transform is not None:
         features = transform(features)
     return visionzip_select(features, scores, keys, dominant, contextual, cls=cls)
+
+
+# ---- Variable-size, no-CLS towers with a merger (Qwen2.5-VL, Qwen3-VL; specs/modern_families.md §3, §5) ----
+#
+# A view (one image, or one temporal step of a video) is n merge units of 4 patches each. The score of a patch is
+# the attention it *receives* in the scoring block (head-averaged, summed over queries, softmax per segment), a
+# unit's score is the mean of its 4 patches, and the selection runs on the merged (post-merger) rows.
+
+def visionzip_counts(units: int, dominant_ratio: float, contextual_ratio: float) -> tuple[int, int]:
+    """(dominant, contextual) kept for a view of `units` merged tokens, as the official Qwen2.5-VL code counts them.
+
+    d = max(1, int(ρ_d·n)), c = max(1, int(ρ_c·n)) in Python floats; when d + c >= n every unit is kept,
+    returned as (n, 0). Shared by the processor (placeholders) and the model (features).
+    """
+    dominant = max(1, int(dominant_ratio * units))
+    contextual = max(1, int(contextual_ratio * units))
+    if dominant + contextual >= units:
+        return units, 0
+    return dominant, contextual
+
+
+def segmented_attention_received(query: torch.Tensor, key: torch.Tensor, cu_seqlens,
+                                 chunk_bytes: int = ATTENTION_CHUNK_BYTES) -> torch.Tensor:
+    """Attention each token receives, averaged over heads: s_j = (1/H) Σ_h Σ_i softmax_j(q_h·k_hᵀ/√Dh)[i, j].
+
+    The softmax runs within each segment `cu_seqlens[s]:cu_seqlens[s+1]` (no attention across segments), in fp32,
+    over query chunks of at most `chunk_bytes` ([H, C, N_seg] at a time; `attention_received_sum`): the N x N map
+    is never materialised.
+
+    Args:
+        query, key: [N, H, Dh] (after RoPE), any dtype.
+        cu_seqlens: [S + 1] segment boundaries (tensor or list), 0 ... N.
+    Returns:
+        [N] fp32 scores.
+    """
+    heads, head_dim = query.shape[1], query.shape[2]
+    q = query.transpose(0, 1)[None]  # [1, H, N, Dh]
+    k = key.transpose(0, 1)[None]
+    received = torch.zeros(q.shape[2], dtype=torch.float32, device=q.device)
+    bounds = cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else list(cu_seqlens)
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end > start:
+            received[start:end] = attention_received_sum(q[:, :, start:end], k[:, :, start:end], head_dim**-0.5,
+                                                         chunk_bytes)[0]
+    return received / heads
+
+
+def unit_scores_and_keys(received: torch.Tensor, keys: torch.Tensor, unit_order: torch.Tensor | None = None,
+                         patches_per_unit: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per merge unit: the mean score of its patches and its head-averaged mean key, in raster unit order.
+
+    Args:
+        received: [P] patch scores (`attention_received`), P = 4n, the 4 patches of a unit contiguous.
+        keys: [P, H, Dh] the scoring block's keys (after RoPE).
+        unit_order: [n] the tower's unit permutation (`hidden = units[unit_order]`, Qwen2.5's window index), or
+            None when rows are already in raster order; it is undone here.
+    Returns:
+        scores [n] (fp32), keys [n, Dh].
+    """
+    scores = received.view(-1, patches_per_unit).mean(dim=-1)
+    unit_keys = keys.reshape(-1, patches_per_unit, *keys.shape[1:]).mean(dim=1)  # [n, H, Dh]
+    if unit_order is not None:
+        raster = torch.argsort(unit_order.to(scores.device))
+        scores, unit_keys = scores[raster], unit_keys[raster.to(unit_keys.device)]
+    return scores, unit_keys.mean(dim=1)
+
+
+@dataclass
+class UnitSelection:
+    """What VisionZip kept of one view of n merged units (specs/modern_families.md §2.1, §3).
+
+    keep: [K] ascending unit indices (dominant ∪ targets); dominant: [d] in torch.topk order; targets: [c]
+    ascending; merged: [M - c] the other non-dominant units (ascending); assignment: [M - c] the target rank each
+    of them joins. contextual == 0 means the view is kept whole.
+    """
+
+    keep: torch.Tensor
+    dominant: torch.Tensor
+    targets: torch.Tensor
+    merged: torch.Tensor
+    assignment: torch.Tensor
+
+    def apply(self, features: torch.Tensor) -> torch.Tensor:
+        """[n, D] -> [K, D]: the kept rows in ascending unit order, each target row replaced by its contextual token
+        (target + mean of the rows assigned to it; a target nobody joins stays as it is). Used for the merged
+        features and, with the same assignment, for every DeepStack feature."""
+        out = features[self.keep]
+        if self.targets.numel() == 0:
+            return out
+        one_hot = torch.zeros(self.merged.numel(), self.targets.numel(), dtype=features.dtype, device=features.device)
+        one_hot.scatter_(1, self.assignment.unsqueeze(1), 1)
+        counts = one_hot.sum(dim=0).clamp(min=1).unsqueeze(1)
+        contextual = features[self.targets] + (one_hot.transpose(0, 1) @ features[self.merged]) / counts
+        slots = torch.searchsorted(self.keep, self.targets)
+        out[slots] = contextual.to(out.dtype)
+        return out
+
+
+def select_units(scores: torch.Tensor, keys: torch.Tensor, dominant: int, contextual: int) -> UnitSelection:
+    """VisionZip's selection on one view of n units without CLS (the official Qwen2.5-VL rule).
+
+    D = topk(scores, d); R = the other units ascending (M of them); targets T = R at ranks 0, s, 2s, ... (first c,
+    s = max(1, M // c)); every other unit of R joins the target of highest cosine key similarity (first maximum).
+    contextual == 0: the view is kept whole.
+    """
+    units = scores.shape[0]
+    device = scores.device
+    if contextual == 0:
+        every = torch.arange(units, device=device)
+        empty = every[:0]
+        return UnitSelection(every, every, empty, empty, empty)
+    if dominant < 1 or contextual < 1 or dominant + contextual >= units:
+        raise ValueError(f"VisionZip needs 1 <= dominant, 1 <= contextual and dominant + contextual < {units} units; "
+                         f"got dominant={dominant}, contextual={contextual}")
+    top = torch.topk(scores, dominant).indices
+    is_dominant = torch.zeros(units, dtype=torch.bool, device=device)
+    is_dominant[top] = True
+    rest = torch.nonzero(~is_dominant).squeeze(1)
+    step = max(1, rest.numel() // contextual)
+    target_ranks = torch.arange(0, rest.numel(), step, device=device)[:contextual]
+    is_target = torch.zeros(rest.numel(), dtype=torch.bool, device=device)
+    is_target[target_ranks] = True
+    rest_keys = keys[rest.to(keys.device)]
+    rest_keys = rest_keys / rest_keys.norm(dim=-1, keepdim=True)  # no eps, as the official code
+    similarity = rest_keys[~is_target.to(keys.device)] @ rest_keys[target_ranks.to(keys.device)].transpose(0, 1)
+    assignment = similarity.argmax(dim=1).to(device)
+    targets = rest[target_ranks]
+    keep = torch.sort(torch.cat([top, targets])).values
+    return UnitSelection(keep, top, targets, rest[~is_target], assignment)
