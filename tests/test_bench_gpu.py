@@ -1,0 +1,79 @@
+"""benchmarks/bench_gpu.py, the accelerator benchmark, as a smoke test: `--device cpu --tiny` runs the same code
+path as the GPU run (every family x method, the FLOP model at the shapes that ran, the JSON and the plot).
+No timing is asserted; only what the run must produce."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    output = tmp_path_factory.mktemp("bench_gpu") / "gpu_tiny.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--device", "cpu", "--tiny",
+                                "--output", str(output)], env=env, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return json.loads(output.read_text()), output, completed.stdout
+
+
+def test_every_family_and_method_has_a_row_with_the_flop_ideal_ratio(tiny_run):
+    import bench_gpu
+
+    result, _, _ = tiny_run
+    assert {"device", "torch", "transformers", "rows"} <= set(result)
+    rows = result["rows"]
+    required = {"family", "method", "setting", "visual_tokens", "prefill_ms", "ttft_ms", "decode_tokens_per_s",
+                "peak_memory_bytes", "method_step_peak_bytes", "speedup", "flop_ideal_speedup"}
+    for row in rows:
+        assert required <= set(row), (row["setting"], required - set(row))
+    assert {(row["family"], row["method"]) for row in rows} == {
+        (family, method) for family in bench_gpu.FAMILIES for method in ("none", "visionzip", "sparsevlm", "voco")}
+    for row in rows:
+        # A setting may record an error (e.g. a static cache under SparseVLM) but still has its prefill and ratio.
+        assert "setting" not in row.get("errors", {}) and "prefill" not in row.get("errors", {}), row
+        assert row["flop_ideal_speedup"] > 0 and row["prefill_ms"] > 0 and row["ttft_ms"] > 0, row["setting"]
+        assert row["peak_memory_bytes"] > 0, row["setting"]
+
+
+def test_flop_ideal_ratio_follows_the_token_counts(tiny_run):
+    result, _, _ = tiny_run
+    for family in {row["family"] for row in result["rows"]}:
+        rows = [row for row in result["rows"] if row["family"] == family]
+        dense = next(row for row in rows if row["method"] == "none")
+        assert dense["flop_ideal_speedup"] == 1.0
+        visionzip = sorted((row for row in rows if row["method"] == "visionzip"), key=lambda row: -row["visual_tokens"])
+        ratios = [row["flop_ideal_speedup"] for row in visionzip]
+        assert all(ratio > 1 for ratio in ratios) and ratios == sorted(ratios), (family, ratios)
+        assert [row["visual_tokens"] for row in visionzip] == [row["budget"] for row in visionzip]
+        for row in rows:
+            if row["method"] == "sparsevlm":  # pruning inside the LLM: placeholders stay, the FLOPs fall
+                assert row["visual_tokens"] == dense["visual_tokens"] and row["flop_ideal_speedup"] > 1
+                assert row["equal_tokens"] < dense["visual_tokens"]
+            if row["method"] == "voco":  # the answer runs on K cached tokens per group, not on the image
+                assert row["visual_tokens"] == row["cached_tokens"] < 10 and row["flop_ideal_speedup"] > ratios[-1]
+
+
+def test_steps_are_measured_and_the_memory_check_is_printed_per_family_and_method(tiny_run):
+    result, output, stdout = tiny_run
+    for row in result["rows"]:
+        if row["method"] != "none":
+            assert row["method_step_peak_bytes"] > 0 and row["method_step_ms"] > 0, row["setting"]
+            assert isinstance(row["memory_never_worse"], bool), row["setting"]
+            assert row["uncompressed_prefill_peak_bytes"] > 0
+        assert row["decode_mode"]  # the mode the row decoded in (CPU: no compile, said in the row)
+        if row["method"] == "sparsevlm":  # SparseVLM refuses a static cache: recorded, then a dynamic cache
+            assert "static" in " ".join(row["errors"]) and row["decode_mode"].startswith("dynamic")
+    assert "memory never worse" in stdout
+    assert sum("OK (never worse)" in line or "WORSE" in line for line in stdout.splitlines()) == sum(
+        row["method"] != "none" for row in result["rows"])
+    assert output.with_suffix(".png").stat().st_size > 10_000
