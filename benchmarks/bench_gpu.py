@@ -50,7 +50,7 @@ import sys
 import time
 import traceback
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -84,6 +84,7 @@ from slimvlm.sparsevlm import (  # noqa: E402
     plan_step,
     rater_row_attention,
     scaled_budgets,
+    sparsevlm_schedule,
     visual_scores,
 )
 from slimvlm.visionzip import cls_attention_and_keys, resolve_feature_layer, visionzip_select  # noqa: E402
@@ -430,10 +431,10 @@ class Run:
     new_tokens: int
     max_cache_len: int
     clock: Clock
-    rows: list = field(default_factory=list)
+    cpu_compile: bool = False
 
 
-def decode_configs(device: str, max_cache_len: int) -> list[tuple[str, dict]]:
+def decode_configs(device: str, max_cache_len: int, cpu_compile: bool = False) -> list[tuple[str, dict]]:
     """Decode modes to try in order, the first that works is the row's."""
     from transformers import CompileConfig
 
@@ -441,6 +442,12 @@ def decode_configs(device: str, max_cache_len: int) -> list[tuple[str, dict]]:
     modes = []
     if device == "cuda":
         modes.append(("static+compile(fullgraph)", {**static, "compile_config": CompileConfig(fullgraph=True)}))
+        modes.append(("static, eager (compile failed)", {**static, "disable_compile": True}))
+    elif cpu_compile:
+        # Graph capture only (dynamo with the eager backend, no inductor): shows on CPU whether fullgraph works.
+        capture = CompileConfig(fullgraph=True, backend="eager", mode=None)
+        capture._compile_all_devices = True
+        modes.append(("static+compile(fullgraph, backend=eager, CPU)", {**static, "compile_config": capture}))
         modes.append(("static, eager (compile failed)", {**static, "disable_compile": True}))
     else:
         modes.append(("static, eager (no compile on CPU)", {**static, "disable_compile": True}))
@@ -451,7 +458,7 @@ def decode_configs(device: str, max_cache_len: int) -> list[tuple[str, dict]]:
 def measure_decoding(run: Run, row: dict, generate: Callable) -> None:
     """ttft_ms and decode_tokens_per_s in the first decode mode that works; failures land in row['errors']."""
     common = {"do_sample": False}
-    for mode, options in decode_configs(run.device, run.max_cache_len):
+    for mode, options in decode_configs(run.device, run.max_cache_len, run.cpu_compile):
         try:
             def one():
                 return generate(max_new_tokens=1, **common, **options)
@@ -471,7 +478,7 @@ def measure_decoding(run: Run, row: dict, generate: Callable) -> None:
             return
         except Exception as error:  # noqa: BLE001 (record and try the next mode)
             row.setdefault("errors", {})[f"decode {mode}"] = error_text(error)
-            if run.device == "cuda":
+            if "compile_config" in options:
                 torch._dynamo.reset()
 
 
@@ -530,14 +537,40 @@ def sparsevlm_step(run: Run, ids: torch.Tensor, pixels: dict) -> Callable:
     return step
 
 
-def flops_of(run: Run, compression: dict, visual: int, text: int, lengths: list[int] | None) -> float:
-    config = run.model.config
+def flops_of(config, family: Family, compression: dict, visual: int, text: int, lengths: list[int] | None) -> float:
+    """Prefill FLOPs (benchmarks/flops.py) of one setting: `lengths` per decoder layer (SparseVLM), else all
+    layers over `visual + text` tokens."""
     vision, text_config = config.vision_config, config.text_config
-    views, tokens_per_view, projected, extra = run.family.flop_layout(config, compression)
+    views, tokens_per_view, projected, extra = family.flop_layout(config, compression)
     tower_layers = vision.num_hidden_layers - (1 if compression["method"] == "visionzip" else 0)
     lengths = lengths or [visual + text] * text_config.num_hidden_layers
     return prefill_flops(vision, text_config, views=views, tokens_per_view=tokens_per_view, tower_layers=tower_layers,
                          projected=visual if projected is None else projected, lengths=lengths, extra=extra)
+
+
+def voco_flops(text_config, cached: int, question: int) -> float:
+    """Answering from a VoCo cache: every decoder layer over the question, attending to `cached` + its own tokens
+    (the image is not rerun: stage 1 ran once per image)."""
+    return text_config.num_hidden_layers * llm_layer_flops(text_config, question, cached + question)
+
+
+def real_shape_flops(family: Family, row: dict, dense_visual: int) -> tuple[float, float | None]:
+    """(prefill FLOPs, SparseVLM's planned equal tokens) of the row at the published shapes and full depth, with
+    the row's token counts (--tiny keeps the real counts); SparseVLM's schedule is the full-depth setting's."""
+    config, _ = family_config(family, tiny=False)
+    layers = config.text_config.num_hidden_layers
+    if row["method"] == "voco":
+        return voco_flops(config.text_config, row["cached_tokens"], row["question_tokens"]), None
+    compression = next(c for m, b, c in settings(family, layers, dense_visual, False)
+                       if m == row["method"] and b == row["budget"])
+    config.compression = compression  # normalised on assignment
+    lengths, equal_tokens = None, None
+    if row["method"] == "sparsevlm":
+        schedule = sparsevlm_schedule(config.compression, row["visual_tokens"], layers)
+        lengths = [row["text_tokens"] + count for count in schedule.processed]
+        equal_tokens = schedule.equal_tokens
+    flops = flops_of(config, family, config.compression, row["visual_tokens"], row["text_tokens"], lengths)
+    return flops, equal_tokens
 
 
 def measure_setting(run: Run, method: str, budget: int | None, compression: dict) -> dict:
@@ -585,9 +618,8 @@ def measure_setting(run: Run, method: str, budget: int | None, compression: dict
         row["visual_tokens"] = voco_cache.num_voco_tokens
         forward = lambda: model(input_ids=question, voco_cache=voco_cache, use_cache=True, logits_to_keep=1)  # noqa: E731
         generate = lambda **kw: model.generate(input_ids=question, voco_cache=voco_cache, **kw)  # noqa: E731
-        context = voco_cache.num_voco_tokens + question.shape[1]
-        row["prefill_flops"] = sum(llm_layer_flops(model.config.text_config, question.shape[1], context)
-                                   for _ in range(model.config.text_config.num_hidden_layers))
+        row["question_tokens"] = question.shape[1]
+        row["prefill_flops"] = voco_flops(model.config.text_config, voco_cache.num_voco_tokens, question.shape[1])
     else:
         forward = lambda: model(**inputs, use_cache=True, logits_to_keep=1)  # noqa: E731
         generate = lambda **kw: model.generate(**inputs, **kw)  # noqa: E731
@@ -609,7 +641,7 @@ def measure_setting(run: Run, method: str, budget: int | None, compression: dict
     else:
         lengths = None
     if not voco:
-        row["prefill_flops"] = flops_of(run, model.config.compression, visual, text, lengths)
+        row["prefill_flops"] = flops_of(model.config, family, model.config.compression, visual, text, lengths)
     part("decode", lambda: measure_decoding(run, row, generate))
 
     if method in ("visionzip", "sparsevlm"):
@@ -635,6 +667,19 @@ def finish_rows(rows: list[dict]) -> None:
                                      if ok and row.get("prefill_flops") and dense.get("prefill_flops") else None)
         row["share_of_ideal"] = (row["speedup"] / row["flop_ideal_speedup"]
                                  if row["speedup"] and row["flop_ideal_speedup"] else None)
+        # The same ratio at the published shapes and full depth (on a real-shape run it equals flop_ideal_speedup;
+        # under --tiny it is what the GPU run will be compared against).
+        try:
+            family = FAMILIES[row["family"]]
+            ideal, equal_tokens = (real_shape_flops(family, row, dense["visual_tokens"])
+                                   if ok and row.get("prefill_flops") else (None, None))
+            dense_ideal = real_shape_flops(family, dense, dense["visual_tokens"])[0] if ideal else None
+            row["flop_ideal_speedup_real_shapes"] = dense_ideal / ideal if ideal else None
+            if equal_tokens is not None:
+                row["equal_tokens_real_shapes"] = equal_tokens
+        except (KeyError, StopIteration, TypeError) as error:
+            row["flop_ideal_speedup_real_shapes"] = None
+            row.setdefault("errors", {})["real_shape_flops"] = error_text(error)
         for key in ("ttft_ms", "prefill_ms", "decode_tokens_per_s", "peak_memory_bytes", "method_step_peak_bytes",
                     "vision_ms", "method_step_ms"):
             row.setdefault(key, None)
@@ -668,7 +713,8 @@ def run_family(family: Family, args, attn: str, deadline: float) -> list[dict]:
     # One static-cache length per family, so compiled decoding is not re-traced per setting.
     run = Run(family, model, device, attn, args.repeats, args.new_tokens,
               max_cache_len=full_visual + PROMPT_TOKENS + family.groups + args.new_tokens + 8,
-              clock=Clock(device, warmup=0 if args.tiny else 1))  # --tiny: no timing meaning, no warm-up
+              clock=Clock(device, warmup=0 if args.tiny else 1),  # --tiny: no timing meaning, no warm-up
+              cpu_compile=args.cpu_compile)
     rows = []
     for method, budget, compression in settings(family, model.config.text_config.num_hidden_layers, full_visual, args.quick):
         if time.perf_counter() > deadline:
@@ -709,7 +755,7 @@ def print_summary(rows: list[dict], tiny: bool) -> None:
     print("\nTTFT speed-up vs uncompressed (measured / FLOP-ideal), and the 'memory never worse' check"
           + (" (--tiny: 32-wide models, where O(tokens²) bookkeeping outweighs the activations; a smoke test of the"
              " code path, not the claim, which is at real shapes):" if tiny else ":"))
-    print(f"  {'family':>11} {'attn':>17} {'setting':>16} {'speedup':>8} {'ideal':>7} {'share':>6}  "
+    print(f"  {'family':>11} {'attn':>17} {'setting':>16} {'speedup':>8} {'ideal':>7} {'share':>6} {'ideal@7B':>9}  "
           f"{'step peak':>11} {'dense prefill peak':>19}  check")
     for row in rows:
         if row["method"] == "none":
@@ -725,7 +771,8 @@ def print_summary(rows: list[dict], tiny: bool) -> None:
 
         check = {True: "OK (never worse)", False: "WORSE", None: "n/a"}[row.get("memory_never_worse")]
         print(f"  {row['family']:>11} {row['attn_implementation']:>17} {row['setting']:>16} {num('speedup', '.2f'):>8} "
-              f"{num('flop_ideal_speedup', '.2f'):>7} {num('share_of_ideal', '.0%'):>6}  {mib('method_step_peak_bytes'):>11} "
+              f"{num('flop_ideal_speedup', '.2f'):>7} {num('share_of_ideal', '.0%'):>6} "
+              f"{num('flop_ideal_speedup_real_shapes', '.2f'):>9}  {mib('method_step_peak_bytes'):>11} "
               f"{mib('uncompressed_prefill_peak_bytes'):>19}  {check}")
 
 
@@ -771,6 +818,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=None, help="decoded tokens (default 32, quick 16, tiny 4)")
     parser.add_argument("--time-budget-s", type=float, default=None,
                         help="skip remaining rows once spent (default: 480, quick 120; none for --tiny)")
+    parser.add_argument("--cpu-compile", action="store_true",
+                        help="on CPU, try fullgraph graph capture (torch.compile, eager backend) before eager decoding")
     parser.add_argument("--traceback", action="store_true", help="print the traceback of every recorded error")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -789,8 +838,8 @@ def main(argv=None) -> dict:
     deadline = started + args.time_budget_s if args.time_budget_s else float("inf")
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({platform.processor() or platform.machine()})"
     rows = []
-    for name in args.families:
-        for attn in attention_implementations(args.device, args.quick):
+    for attn in attention_implementations(args.device, args.quick):  # every family under sdpa first
+        for name in args.families:
             rows += run_family(FAMILIES[name], args, attn, deadline)
     finish_rows(rows)
     print_summary(rows, args.tiny)

@@ -16,14 +16,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    output = tmp_path_factory.mktemp("bench_gpu") / "gpu_tiny.json"
+def run_bench(output: Path, *options: str):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     completed = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--device", "cpu", "--tiny",
-                                "--output", str(output)], env=env, capture_output=True, text=True, timeout=600)
+                                "--output", str(output), *options], env=env, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-3000:]
     return json.loads(output.read_text()), output, completed.stdout
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    return run_bench(tmp_path_factory.mktemp("bench_gpu") / "gpu_tiny.json")
 
 
 def test_every_family_and_method_has_a_row_with_the_flop_ideal_ratio(tiny_run):
@@ -77,3 +80,16 @@ def test_steps_are_measured_and_the_memory_check_is_printed_per_family_and_metho
     assert sum("OK (never worse)" in line or "WORSE" in line for line in stdout.splitlines()) == sum(
         row["method"] != "none" for row in result["rows"])
     assert output.with_suffix(".png").stat().st_size > 10_000
+
+
+def test_a_failing_compiled_decode_is_recorded_and_the_row_falls_back(tmp_path):
+    """--cpu-compile tries fullgraph capture on CPU (as the GPU run does with inductor): whether it works or not,
+    every row ends with a decode mode and the errors of the modes it could not use."""
+    result, _, _ = run_bench(tmp_path / "compile.json", "--quick", "--cpu-compile", "--families", "llava-1.5")
+    rows = result["rows"]
+    assert [row["method"] for row in rows] == ["none", "visionzip", "sparsevlm", "voco"]
+    for row in rows:
+        compiled = row["decode_mode"].startswith("static+compile")
+        tried = any(key.startswith("decode static+compile") for key in row.get("errors", {}))
+        assert compiled != tried, row  # either it compiled, or its failure is in the row
+        assert row["ttft_ms"] > 0
