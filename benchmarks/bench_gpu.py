@@ -35,7 +35,8 @@ Any part that fails records "errors": {part: message} in its row; the run never 
 --tiny: the same code path at tiny widths (token counts as real) in seconds, for the test suite (no timing
 meaning). --quick: sdpa only, the smallest budget per method, fewer repeats and tokens (about 2 minutes on one
 H200-class GPU); --time-budget-s skips the remaining rows (recorded as skipped) once spent.
-Writes the JSON (--output, default benchmarks/results/gpu.json) and a PNG plot next to it.
+Writes the JSON (--output, default benchmarks/results/gpu.json; after every row the raw rows so far with
+"complete": false, so a run stopped from outside keeps what it measured) and a PNG plot next to it.
 """
 
 from __future__ import annotations
@@ -136,6 +137,9 @@ class Family:
     visionzip_split: Callable = lambda compression: (compression["dominant"], compression["contextual"])
     sparsevlm_settings: Callable | None = None  # optional override: (num_layers, total, visual) -> compression
     no_attention: tuple[str, ...] = ()  # sub-configs without an attention implementation (MGM's ConvNeXt)
+    # Per method, a replacement for the generic isolated step (run, ids, pixels) -> step(): e.g. a family whose
+    # vision tower has no CLS row (Qwen, SigLIP) scores its VisionZip step differently.
+    method_steps: dict = None
 
 
 def _patches(vision) -> int:
@@ -646,7 +650,8 @@ def measure_setting(run: Run, method: str, budget: int | None, compression: dict
 
     if method in ("visionzip", "sparsevlm"):
         def step_part():
-            step = visionzip_step(run, pixels) if method == "visionzip" else sparsevlm_step(run, ids, pixels)
+            generic = {"visionzip": lambda run, ids, pixels: visionzip_step(run, pixels), "sparsevlm": sparsevlm_step}
+            step = {**generic, **(family.method_steps or {})}[method](run, ids, pixels)
             row["method_step_ms"], _ = run.clock(step, run.repeats)
             row["method_step_peak_bytes"], _ = peak_bytes(step, device)
 
@@ -689,7 +694,7 @@ def finish_rows(rows: list[dict]) -> None:
         row["memory_never_worse"] = (step_peak <= dense_peak) if step_peak is not None and dense_peak else None
 
 
-def run_family(family: Family, args, attn: str, deadline: float) -> list[dict]:
+def run_family(family: Family, args, attn: str, deadline: float, save: Callable = lambda rows: None) -> list[dict]:
     device = args.device
     print(f"== {family.title} [{family.name}], {attn}, {'tiny' if args.tiny else 'real'} shapes", flush=True)
     started = time.perf_counter()
@@ -730,6 +735,7 @@ def run_family(family: Family, args, attn: str, deadline: float) -> list[dict]:
                    build_s=build_s, resident_bytes=resident)
         rows.append(row)
         print(describe(row), flush=True)
+        save(rows)
     del run, model
     gc.collect()
     if device == "cuda":
@@ -837,18 +843,29 @@ def main(argv=None) -> dict:
     started = time.perf_counter()
     deadline = started + args.time_budget_s if args.time_budget_s else float("inf")
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({platform.processor() or platform.machine()})"
-    rows = []
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(rows: list[dict], complete: bool) -> dict:
+        result = {"device": device_name, "torch": torch.__version__, "transformers": transformers.__version__,
+                  "shapes": "tiny" if args.tiny else "real", "quick": args.quick, "repeats": args.repeats,
+                  "new_tokens": args.new_tokens, "prompt_text_tokens": PROMPT_TOKENS, "dtype": "bfloat16",
+                  "wall_s": time.perf_counter() - started, "complete": complete, "rows": rows}
+        args.output.write_text(json.dumps(result, indent=2, default=str))
+        return result
+
+    rows: list[dict] = []
+
+    def save_partial(family_rows: list[dict]) -> None:
+        """After every row: the raw rows so far (ratios come at the end), so that a run stopped from outside still
+        leaves what it measured."""
+        write(rows + family_rows, complete=False)
+
     for attn in attention_implementations(args.device, args.quick):  # every family under sdpa first
         for name in args.families:
-            rows += run_family(FAMILIES[name], args, attn, deadline)
+            rows += run_family(FAMILIES[name], args, attn, deadline, save_partial)
     finish_rows(rows)
     print_summary(rows, args.tiny)
-    result = {"device": device_name, "torch": torch.__version__, "transformers": transformers.__version__,
-              "shapes": "tiny" if args.tiny else "real", "quick": args.quick, "repeats": args.repeats,
-              "new_tokens": args.new_tokens, "prompt_text_tokens": PROMPT_TOKENS, "dtype": "bfloat16",
-              "wall_s": time.perf_counter() - started, "rows": rows}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2, default=str))
+    result = write(rows, complete=True)
     plot(rows, args.output.with_suffix(".png"), device_name)
     print(f"wrote {args.output} and {args.output.with_suffix('.png').name} ({result['wall_s']:.0f} s)")
     return result

@@ -33,7 +33,7 @@ def test_every_family_and_method_has_a_row_with_the_flop_ideal_ratio(tiny_run):
     import bench_gpu
 
     result, _, _ = tiny_run
-    assert {"device", "torch", "transformers", "rows"} <= set(result)
+    assert {"device", "torch", "transformers", "rows"} <= set(result) and result["complete"]
     rows = result["rows"]
     required = {"family", "method", "setting", "visual_tokens", "prefill_ms", "ttft_ms", "decode_tokens_per_s",
                 "peak_memory_bytes", "method_step_peak_bytes", "speedup", "flop_ideal_speedup"}
