@@ -622,7 +622,7 @@ def measure_setting(run: Run, method: str, budget: int | None, compression: dict
         row["visual_tokens"] = voco_cache.num_voco_tokens
         forward = lambda: model(input_ids=question, voco_cache=voco_cache, use_cache=True, logits_to_keep=1)  # noqa: E731
         generate = lambda **kw: model.generate(input_ids=question, voco_cache=voco_cache, **kw)  # noqa: E731
-        row["question_tokens"] = question.shape[1]
+        row["question_tokens"] = row["text_tokens"] = question.shape[1]
         row["prefill_flops"] = voco_flops(model.config.text_config, voco_cache.num_voco_tokens, question.shape[1])
     else:
         forward = lambda: model(**inputs, use_cache=True, logits_to_keep=1)  # noqa: E731

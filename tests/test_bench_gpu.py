@@ -93,3 +93,34 @@ def test_a_failing_compiled_decode_is_recorded_and_the_row_falls_back(tmp_path):
         tried = any(key.startswith("decode static+compile") for key in row.get("errors", {}))
         assert compiled != tried, row  # either it compiled, or its failure is in the row
         assert row["ttft_ms"] > 0
+
+
+def test_real_shape_configs_build_on_the_meta_device_in_bf16_at_the_published_sizes():
+    """The configs in benchmarks/configs/ are the 7B models: built the way the GPU run builds them (bf16, directly
+    on the target device; here the meta device, no memory), their parameter counts are the published ones."""
+    import torch
+
+    import bench_gpu
+
+    published = {"llava-1.5": 7.06e9, "llava-next": 7.06e9, "video-llava": 7.37e9}  # the Hub's model-card counts
+    counts = {}
+    for name, family in bench_gpu.FAMILIES.items():
+        model = bench_gpu.build_model(family, "meta", tiny=False, attn="sdpa")
+        parameters = list(model.parameters())
+        assert {p.dtype for p in parameters} == {torch.bfloat16} and {p.device.type for p in parameters} == {"meta"}
+        assert model.config.text_config.num_hidden_layers == 32
+        counts[name] = sum(p.numel() for p in parameters)
+    for name, count in published.items():
+        assert abs(counts[name] - count) < 0.01 * count, (name, counts[name])
+    # MGM-7B-HD: LLaVA-1.5-7B + the ConvNeXt-L trunk (~0.2 B) + patch-info mining.
+    assert 0.15e9 < counts["mgm-hd"] - counts["llava-1.5"] < 0.3e9, counts
+
+
+def test_a_spent_time_budget_skips_the_remaining_rows_and_still_writes_the_result(tmp_path):
+    import bench_gpu
+
+    result = bench_gpu.main(["--device", "cpu", "--tiny", "--families", "llava-1.5", "--time-budget-s", "1e-9",
+                             "--output", str(tmp_path / "skipped.json")])
+    rows = json.loads((tmp_path / "skipped.json").read_text())["rows"]
+    assert result["complete"] and len(rows) == 8
+    assert all(row["skipped"] == "time budget spent" and row["flop_ideal_speedup"] is None for row in rows)
