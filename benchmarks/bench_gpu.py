@@ -20,7 +20,7 @@ Measured per row (CUDA events on GPU, perf_counter on CPU; median of --repeats a
 - decode_tokens_per_s: (N - 1) / (t(N new tokens) - t(1 new token)), decode mode "static+compile(fullgraph)"
   (cache_implementation="static", torch.compile fullgraph via generate's CompileConfig) on CUDA; where that
   fails the error is recorded in the row and the row falls back to eager decoding (static, then dynamic cache);
-  on CPU no compile is attempted (the row says so);
+  on CPU no compile is attempted (the row says so) unless --cpu-compile (fullgraph capture, eager backend);
 - peak_memory_bytes: peak memory above the resident weights during the prefill (CUDA: max_memory_allocated;
   CPU: a torch dispatch-mode tracker of every tensor storage alive, which does not see kernel-internal scratch);
 - method_step_peak_bytes (and method_step_ms): the method's own step alone, on real-shape tensors: VisionZip's
@@ -29,7 +29,11 @@ Measured per row (CUDA events on GPU, perf_counter on CPU; median of --repeats a
   it with the uncompressed prefill peak at the same shape and is printed per family x method;
 - speedup: uncompressed TTFT / this TTFT (same family and attention implementation, same run);
 - flop_ideal_speedup: the ratio of prefill FLOPs (benchmarks/flops.py, the FLOP model of the CPU benchmarks) at
-  the depth that ran (full depth at real shapes; VoCo: the question on K cached tokens, the image not rerun).
+  the depth that ran (full depth at real shapes; VoCo: the question on K cached tokens, the image not rerun);
+  flop_ideal_speedup_real_shapes: the same at the published shapes and full depth (equal under real shapes).
+
+--real-shape-steps: the memory check at the published widths without a 7B model in memory (each method step on
+real-width tensors, only its layer materialised, against the uncompressed KV cache); on CPU it replaces the run.
 
 Any part that fails records "errors": {part: message} in its row; the run never stops for one setting.
 --tiny: the same code path at tiny widths (token counts as real) in seconds, for the test suite (no timing
@@ -677,6 +681,9 @@ def measure_setting(run: Run, method: str, budget: int | None, compression: dict
             row.setdefault("errors", {})[name] = error_text(error)
             if "--traceback" in sys.argv:
                 traceback.print_exc()
+            if device == "cuda":  # e.g. after an out-of-memory error, give the next part its memory back
+                gc.collect()
+                torch.cuda.empty_cache()
 
     if voco:
         prefix = {key: value[:, :prefix_end] if key in ("input_ids", "attention_mask") else value
@@ -713,7 +720,7 @@ def measure_setting(run: Run, method: str, budget: int | None, compression: dict
         row["peak_memory_bytes"], _ = peak_bytes(forward, device)
 
     part("prefill", prefill_part)
-    if method == "sparsevlm" and model.sparsevlm_report is not None:
+    if method == "sparsevlm" and model.sparsevlm_report is not None and "prefill" not in row.get("errors", {}):
         report = model.sparsevlm_report
         row["equal_tokens"] = report.equal_tokens[0]
         lengths = [text + count for count in report.processed_counts[0]]
