@@ -43,6 +43,10 @@ from slimvlm.configuration_slimvlm import sparsevlm_setting  # noqa: E402
 from slimvlm.visionzip import cls_attention_and_keys, visionzip_select  # noqa: E402
 from slimvlm.compat import output_cache  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from flops import llm_layer_flops, vit_flops  # noqa: E402, F401  (the shared FLOP model; re-exported)
+from flops import prefill_flops as shared_prefill_flops  # noqa: E402
+
 PROMPT_TOKENS = 40  # text tokens around the image (system-free LLaVA-1.5 prompt + a question)
 
 
@@ -54,35 +58,16 @@ def llava_7b_shaped_config(text_layers: int) -> SlimLlavaConfig:
     return SlimLlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_index=32000)
 
 
-# ----------------------------------------------------------------------------- FLOPs (multiply-add = 2)
-
-def vit_flops(config, tokens: int, layers: int) -> float:
-    width, ffn = config.hidden_size, config.intermediate_size
-    per_layer = 2 * tokens * (4 * width * width + 2 * width * ffn) + 2 * 2 * tokens * tokens * width
-    return layers * per_layer
-
-
-def llm_layer_flops(config, tokens: int, context: int | None = None) -> float:
-    """One decoder layer over `tokens` queries attending to `context` keys (causal prefill: about half)."""
-    width, ffn = config.hidden_size, config.intermediate_size
-    kv_width = config.num_key_value_heads * (width // config.num_attention_heads)
-    projections = 2 * tokens * (2 * width * width + 2 * width * kv_width + 3 * width * ffn)
-    context = tokens if context is None else context
-    attention = 2 * 2 * tokens * context * width / (2 if context == tokens else 1)
-    return projections + attention
-
+# ----------------------------------------------------------------------------- FLOPs (benchmarks/flops.py)
 
 def prefill_flops(config: SlimLlavaConfig, compression: dict, visual: int, text: int, schedule: list[int] | None = None) -> float:
     """Vision tower + projector + every decoder layer, for one image and `text` text tokens."""
     vision = config.vision_config
-    patches = (vision.image_size // vision.patch_size) ** 2
     # Stock LLaVA runs the whole tower; VisionZip stops after layer L-2 (layer L-1 is never used).
     tower_layers = vision.num_hidden_layers - (1 if compression["method"] == "visionzip" else 0)
-    total = vit_flops(vision, patches + 1, tower_layers)
-    total += 2 * visual * (vision.hidden_size * config.text_config.hidden_size + config.text_config.hidden_size ** 2)
     lengths = schedule or [visual + text] * config.text_config.num_hidden_layers
-    total += sum(llm_layer_flops(config.text_config, n) for n in lengths)
-    return total
+    return shared_prefill_flops(vision, config.text_config, views=1, tokens_per_view=(vision.image_size // vision.patch_size) ** 2 + 1,
+                                tower_layers=tower_layers, projected=visual, lengths=lengths)
 
 
 # ----------------------------------------------------------------------------- measurement

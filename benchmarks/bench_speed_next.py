@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_speed import llm_layer_flops, measure, vit_flops  # noqa: E402
+from bench_speed import measure  # noqa: E402
+from flops import prefill_flops as shared_prefill_flops  # noqa: E402
 from transformers import CLIPVisionConfig, LlamaConfig  # noqa: E402
 
 from slimvlm import SlimLlavaNextConfig, SlimLlavaNextForConditionalGeneration  # noqa: E402
@@ -52,11 +53,10 @@ def prefill_flops(config, compression: dict, visual: int, text: int, schedule: l
     vision = config.vision_config
     patches = (vision.image_size // vision.patch_size) ** 2
     tower_layers = vision.num_hidden_layers - (1 if compression["method"] == "visionzip" else 0)
-    total = VIEWS * vit_flops(vision, patches + 1, tower_layers)
     projected = visual if compression["method"] == "visionzip" else VIEWS * patches
-    total += 2 * projected * (vision.hidden_size * config.text_config.hidden_size + config.text_config.hidden_size ** 2)
     lengths = schedule or [visual + text] * config.text_config.num_hidden_layers
-    return total + sum(llm_layer_flops(config.text_config, n) for n in lengths)
+    return shared_prefill_flops(vision, config.text_config, views=VIEWS, tokens_per_view=patches + 1,
+                                tower_layers=tower_layers, projected=projected, lengths=lengths)
 
 
 def settings(text_layers: int) -> list[tuple[str, int, dict]]:

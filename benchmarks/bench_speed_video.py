@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_speed import llm_layer_flops, vit_flops  # noqa: E402
+from flops import prefill_flops as shared_prefill_flops  # noqa: E402
 from bench_speed_next import compare_settings, parse_args  # noqa: E402
 from bench_voco import timed  # noqa: E402
 from transformers import CLIPVisionConfig, LlamaConfig  # noqa: E402
@@ -53,12 +53,11 @@ def video_7b_shaped_config(text_layers: int) -> SlimVideoLlavaConfig:
 def prefill_flops(config, compression: dict, visual: int, text: int, schedule: list[int] | None = None) -> float:
     """Video tower over every frame + projector + every decoder layer."""
     vision = config.vision_config
-    tokens = (vision.image_size // vision.patch_size) ** 2 + 1
     tower_layers = vision.num_hidden_layers - (1 if compression["method"] == "visionzip" else 0)
-    total = FRAMES * vit_flops(vision, tokens, tower_layers)
-    total += 2 * visual * (vision.hidden_size * config.text_config.hidden_size + config.text_config.hidden_size ** 2)
     lengths = schedule or [visual + text] * config.text_config.num_hidden_layers
-    return total + sum(llm_layer_flops(config.text_config, n) for n in lengths)
+    return shared_prefill_flops(vision, config.text_config, views=FRAMES,
+                                tokens_per_view=(vision.image_size // vision.patch_size) ** 2 + 1,
+                                tower_layers=tower_layers, projected=visual, lengths=lengths)
 
 
 def settings(text_layers: int) -> list[tuple[str, int, dict]]:
