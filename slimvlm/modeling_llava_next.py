@@ -64,6 +64,8 @@ class SlimLlavaNextModel(SlimModelMixin, LlavaNextModel):
     config_class = SlimLlavaNextConfig
     output_class = LlavaNextModelOutputWithPast
     forward = slim_forward(LlavaNextModel)
+    # The official VisionZip layout has no newline token (specs/visionzip.md §7.2): frozen under VisionZip.
+    unused_parameters = {"visionzip": ("image_newline",)}
 
     def anyres_grid(self, image_size) -> tuple[int, int]:
         """(gh, gw) anyres crops of an image of `image_size` (height, width), as the image processor chose them."""

@@ -102,6 +102,16 @@ class SlimImageFeaturesOutput(BaseModelOutputWithPooling):
     dominant_indices: torch.Tensor | None = None
 
 
+def freeze_after_loading(loaded):
+    """`from_pretrained`'s result (a model, or (model, info)) with the parameters its compression never uses
+    frozen again: loading replaces the parameters that `post_init` froze."""
+    model = loaded[0] if isinstance(loaded, tuple) else loaded
+    base = model if isinstance(model, SlimModelMixin) else getattr(model, "model", None)
+    if isinstance(base, SlimModelMixin):
+        base.freeze_unused_parameters()
+    return loaded
+
+
 class StockInitMixin:
     """Slim classes initialise and load like the stock classes they extend.
 
@@ -179,6 +189,31 @@ class SlimModelMixin(StockInitMixin):
 
     # The family's `*ModelOutputWithPast` class (set by each family).
     output_class = None
+
+    # Parameters a compression method never uses, by method (LLaVA-NeXT: `image_newline` under VisionZip). They are
+    # frozen (requires_grad False) while that method is on, so training under DDP needs no
+    # find_unused_parameters=True, and get their own requires_grad back when `set_compression` switches away.
+    unused_parameters: dict[str, tuple[str, ...]] = {}
+
+    def post_init(self):
+        super().post_init()
+        self.freeze_unused_parameters()
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        return freeze_after_loading(super().from_pretrained(*args, **kwargs))
+
+    def freeze_unused_parameters(self) -> None:
+        """Apply `unused_parameters` to the current compression (called on init, load and `set_compression`)."""
+        unused = set(self.unused_parameters.get(self.config.compression["method"], ()))
+        frozen = self.__dict__.setdefault("_frozen_by_compression", {})  # name -> requires_grad before freezing
+        for name in sorted({name for names in self.unused_parameters.values() for name in names}):
+            parameter = self.get_parameter(name)
+            if name in unused:  # (again after loading, which replaces the parameters)
+                frozen.setdefault(name, parameter.requires_grad)
+                parameter.requires_grad_(False)
+            elif name not in unused and name in frozen:
+                parameter.requires_grad_(frozen.pop(name))
 
     def _visionzip_views(self, pixel_values: torch.Tensor, vision_feature_layer, vision_tower=None,
                          split: tuple[int, int] | None = None, transform=None, **kwargs):
@@ -499,11 +534,12 @@ class SlimGenerationMixin(StockInitMixin):
         stay unquantised (`DEFAULT_QUANTIZATION_SKIP_MODULES`); set the list yourself to choose otherwise.
         """
         apply_default_quantization_skips(kwargs)
-        return super().from_pretrained(*args, **kwargs)
+        return freeze_after_loading(super().from_pretrained(*args, **kwargs))
 
     def set_compression(self, compression: dict | None):
         """Switch compression on a loaded model (validated against this model's shapes); returns self."""
         self.config.compression = compression
+        self.model.freeze_unused_parameters()
         return self
 
     def save_pretrained(self, save_directory, *args, **kwargs):
