@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import sys
 import types
 import warnings
 from typing import Callable
@@ -86,19 +87,38 @@ def is_tested_version(installed: str | None = None) -> bool:
     return _version.parse(TESTED_TRANSFORMERS_MIN) <= installed < _version.parse(TESTED_TRANSFORMERS_BELOW)
 
 
-@functools.lru_cache(maxsize=None)
+# State shared by every copy of this module in the process: under trust_remote_code the config, the processor and
+# the model each load their own copy of the shipped modules, and each copy runs `warn_if_untested()` on import.
+_PROCESS_STATE = "_slimvlm_process_state"
+
+
+def _process_state() -> types.ModuleType:
+    return sys.modules.setdefault(_PROCESS_STATE, types.ModuleType(_PROCESS_STATE))
+
+
 def warn_if_untested(installed: str | None = None) -> bool:
-    """Warn once per process when the installed transformers is outside the tested range; True if it is."""
+    """Warn once per process (whatever number of copies of this module are loaded) when the installed
+    transformers is outside the tested range; True if it is.
+
+    The warning is one line (`slimvlm:0: UntestedTransformersWarning: ...`), with no source line echoed after it."""
     installed = installed or transformers.__version__
     if is_tested_version(installed):
         return False
-    warnings.warn(
-        UntestedTransformersWarning(f"SlimVLM is tested with transformers {TESTED_RANGE}; transformers {installed} is installed. It may work, "
-        "and SlimVLM raises rather than return wrong numbers if an internal it uses has changed; "
-        f"for a tested set-up: pip install 'transformers{TESTED_RANGE}'"),
-        stacklevel=3,
-    )
+    warned = _process_state().__dict__.setdefault("untested_transformers_warned", set())
+    if installed not in warned:
+        warned.add(installed)
+        message = (f"SlimVLM is tested with transformers {TESTED_RANGE}; transformers {installed} is installed. It may "
+                   "work, and SlimVLM raises rather than return wrong numbers if an internal it uses has changed; for a "
+                   f"tested set-up: pip install 'transformers{TESTED_RANGE}'")
+        # Line 0 of a file named "slimvlm": the default format then shows no source line.
+        warnings.warn_explicit(UntestedTransformersWarning(message), UntestedTransformersWarning, "slimvlm", 0,
+                               module="slimvlm")
     return True
+
+
+def _forget_untested_warning() -> None:
+    """Let `warn_if_untested` warn again in this process (tests)."""
+    _process_state().__dict__.pop("untested_transformers_warned", None)
 
 
 # ---- the cache keyword ----------------------------------------------------------------------------------

@@ -57,6 +57,8 @@ class SlimLlavaNextModel(AnyresMixin, SlimModelMixin, LlavaNextModel):
     config_class = SlimLlavaNextConfig
     output_class = LlavaNextModelOutputWithPast
     forward = slim_forward(LlavaNextModel)
+    # The official VisionZip layout has no newline token (specs/visionzip.md §7.2): frozen under VisionZip.
+    unused_parameters = {"visionzip": ("image_newline",)}
 
     @can_return_tuple
     def get_image_features(

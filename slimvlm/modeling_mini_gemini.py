@@ -26,7 +26,7 @@ from torch import nn
 from transformers import AutoModel, LlavaForConditionalGeneration, LlavaModel
 from transformers.models.llava.modeling_llava import LlavaModelOutputWithPast, LlavaMultiModalProjector, LlavaPreTrainedModel
 
-from .compat import cache_keyword, call_with_cache, can_return_tuple, with_cache_argument
+from .compat import cache_keyword, call_with_cache, can_return_tuple, with_cache_argument, with_stock_deprecations
 from .configuration_slimvlm import SlimMiniGeminiConfig, mini_gemini_token_count, vision_tokens_per_view
 from .modeling_slimvlm import RELEVANCE_KEYS, VISION_SIDE_METHODS, SlimGenerationMixin, SlimImageFeaturesOutput, SlimModelMixin
 
@@ -223,6 +223,7 @@ class SlimMiniGeminiModel(SlimModelMixin, LlavaModel):
     # ---- forward -----------------------------------------------------------------------------------------
 
     @can_return_tuple
+    @with_stock_deprecations(LlavaModel.forward)  # past_key_values= warns as stock does
     @with_cache_argument
     def forward(
         self,
@@ -300,6 +301,7 @@ class SlimMiniGeminiForConditionalGeneration(SlimGenerationMixin, LlavaForCondit
 
     base_model_class = SlimMiniGeminiModel
 
+    @with_stock_deprecations(LlavaForConditionalGeneration.forward)
     @with_cache_argument
     def forward(
         self,

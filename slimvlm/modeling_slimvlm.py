@@ -24,7 +24,7 @@ from transformers.utils import logging
 
 from .configuration_slimvlm import pruned_count, views_pruned_count
 from .modelcard_slimvlm import push_to_hub_with_card, write_card_unless_present
-from .compat import (can_return_tuple, call_with_cache, generate_with_cache, generation_cache, model_output, pop_cache,
+from .compat import (cache_keyword, can_return_tuple, call_with_cache, generate_with_cache, generation_cache, model_output, pop_cache,
                      with_cache_argument, with_stock_deprecations)
 from .cdpruner import (
     RelevanceEncoder,
@@ -221,6 +221,16 @@ class AnyresMixin:
         return image_size_to_num_patches(image_size, self.config.image_grid_pinpoints, self.config.vision_config.image_size)
 
 
+def freeze_after_loading(loaded):
+    """`from_pretrained`'s result (a model, or (model, info)) with the parameters its compression never uses
+    frozen again: loading replaces the parameters that `post_init` froze."""
+    model = loaded[0] if isinstance(loaded, tuple) else loaded
+    base = model if isinstance(model, SlimModelMixin) else getattr(model, "model", None)
+    if isinstance(base, SlimModelMixin):
+        base.freeze_unused_parameters()
+    return loaded
+
+
 class StockInitMixin:
     """Slim classes initialise and load like the stock classes they extend.
 
@@ -301,6 +311,36 @@ class SlimModelMixin(StockInitMixin):
 
     # The family's `*ModelOutputWithPast` class (set by each family).
     output_class = None
+
+    # Parameters a compression method never uses, by method (LLaVA-NeXT: `image_newline` under VisionZip). They are
+    # frozen (requires_grad False) while that method is on, so training under DDP needs no
+    # find_unused_parameters=True, and get their own requires_grad back when `set_compression` switches away.
+    unused_parameters: dict[str, tuple[str, ...]] = {}
+
+    def post_init(self):
+        """Adds CDPruner's relevance encoder when the config describes one (specs/cdpruner.md §10), and freezes
+        the parameters the compression method leaves unused."""
+        encoder_config = getattr(self.config, "relevance_encoder_config", None)
+        if encoder_config and getattr(self, "relevance_encoder", None) is None:
+            self.relevance_encoder = build_relevance_encoder(encoder_config)
+        super().post_init()
+        self.freeze_unused_parameters()
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        return freeze_after_loading(super().from_pretrained(*args, **kwargs))
+
+    def freeze_unused_parameters(self) -> None:
+        """Apply `unused_parameters` to the current compression (called on init, load and `set_compression`)."""
+        unused = set(self.unused_parameters.get(self.config.compression["method"], ()))
+        frozen = self.__dict__.setdefault("_frozen_by_compression", {})  # name -> requires_grad before freezing
+        for name in sorted({name for names in self.unused_parameters.values() for name in names}):
+            parameter = self.get_parameter(name)
+            if name in unused:  # (again after loading, which replaces the parameters)
+                frozen.setdefault(name, parameter.requires_grad)
+                parameter.requires_grad_(False)
+            elif name not in unused and name in frozen:
+                parameter.requires_grad_(frozen.pop(name))
 
     # ---- vision side: VisionZip, CDPruner, DivPrune (one plug point, after the tower, before the LLM) ----
 
@@ -434,13 +474,6 @@ class SlimModelMixin(StockInitMixin):
         if encoded:
             inputs["mm_encoder_outputs"] = encoded
         return inputs
-
-    def post_init(self):
-        """Adds CDPruner's relevance encoder when the config describes one (specs/cdpruner.md §10)."""
-        encoder_config = getattr(self.config, "relevance_encoder_config", None)
-        if encoder_config and getattr(self, "relevance_encoder", None) is None:
-            self.relevance_encoder = build_relevance_encoder(encoder_config)
-        super().post_init()
 
     def _select(self, features: torch.Tensor, weights: torch.Tensor | None, tokens: int) -> torch.Tensor:
         """[G, N, D] -> [G, K] ascending kept positions under the configured method."""
@@ -804,11 +837,12 @@ class SlimGenerationMixin(StockInitMixin):
         stay unquantised (`DEFAULT_QUANTIZATION_SKIP_MODULES`); set the list yourself to choose otherwise.
         """
         apply_default_quantization_skips(kwargs)
-        return super().from_pretrained(*args, **kwargs)
+        return freeze_after_loading(super().from_pretrained(*args, **kwargs))
 
     def set_compression(self, compression: dict | None):
         """Switch compression on a loaded model (validated against this model's shapes); returns self."""
         self.config.compression = compression
+        self.model.freeze_unused_parameters()
         return self
 
     def save_pretrained(self, save_directory, *args, **kwargs):

@@ -265,7 +265,7 @@ def test_run_decoder_layer_detects_a_wrong_keyword(monkeypatch):
 
 
 def test_untested_transformers_warns_once_and_names_the_range():
-    compat.warn_if_untested.cache_clear()
+    compat._forget_untested_warning()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert compat.warn_if_untested("9.0.0") is True

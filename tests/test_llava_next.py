@@ -397,3 +397,34 @@ def test_voco_collator_training_step_and_export_on_next(images, tmp_path):
     load_voco_weights(fresh, folder / "voco_weights.safetensors")
     assert torch.equal(fresh.get_input_embeddings().weight[VOCO_ID], model.get_input_embeddings().weight[VOCO_ID])
     assert torch.equal(fresh.model.multi_modal_projector.linear_2.weight, model.model.multi_modal_projector.linear_2.weight)
+
+
+def parameters_without_gradient(model, inputs) -> set[str]:
+    """Names of the trainable parameters one training step leaves without a gradient (what DDP calls unused)."""
+    model.zero_grad(set_to_none=True)
+    model.train()(**inputs, labels=inputs["input_ids"]).loss.backward()
+    model.eval()
+    return {name for name, p in model.named_parameters() if p.requires_grad and p.grad is None}
+
+
+def test_visionzip_freezes_image_newline_so_ddp_needs_no_unused_parameter_search(images, tmp_path):
+    """The VisionZip layout has no newline: image_newline is frozen under VisionZip (no trainable parameter is
+    left without a gradient beyond the stock ones), and gets its own requires_grad back when compression changes."""
+    compression = {"method": "visionzip", "tokens": 16}
+    model = slim_next({"method": "none"})
+    stock_inputs = slim_processor(model.config.compression)(images=images[:1], text=[PROMPT], return_tensors="pt")
+    stock_unused = parameters_without_gradient(model, stock_inputs)  # the tower layers after the feature layer
+    assert "model.image_newline" not in stock_unused and model.model.image_newline.requires_grad
+    inputs = slim_processor(compression)(images=images[:1], text=[PROMPT], return_tensors="pt")
+    model.set_compression(compression)
+    assert model.model.image_newline.requires_grad is False
+    assert parameters_without_gradient(model, inputs) == stock_unused
+    model.save_pretrained(tmp_path)
+    reloaded = SlimLlavaNextForConditionalGeneration.from_pretrained(tmp_path)  # loading replaces the parameters
+    assert reloaded.model.image_newline.requires_grad is False
+    assert SlimLlavaNextForConditionalGeneration.from_pretrained(tmp_path, compression={"method": "none"}).model.image_newline.requires_grad
+    model.set_compression({"method": "none"})
+    assert model.model.image_newline.requires_grad and parameters_without_gradient(model, stock_inputs) == stock_unused
+    model.model.image_newline.requires_grad_(False)  # the user's own choice survives a round trip through VisionZip
+    model.set_compression(compression).set_compression({"method": "none"})
+    assert model.model.image_newline.requires_grad is False

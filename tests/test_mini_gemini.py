@@ -726,3 +726,23 @@ def test_slimvlm_convert_takes_an_original_mgm_folder(tmp_path, towers):
     model = SlimMiniGeminiForConditionalGeneration.from_pretrained(tmp_path / "slim")
     assert model.config.compression == {"method": "visionzip", "dominant": 14, "contextual": 2}
     assert model.image_token_count() == 5 * 16 and "YanweiLi/MGM-7B-HD" in (tmp_path / "slim" / "README.md").read_text()
+
+
+def test_deprecated_cache_keyword_warns_as_the_stock_llava_does(images):
+    from builders import tiny_llava_config
+    from test_conformance import deprecation_messages
+    from transformers import DynamicCache, LlavaConfig, LlavaForConditionalGeneration, LlavaModel
+
+    from slimvlm import compat
+
+    model = slim_mgm()
+    inputs = make_mgm_processor(False)(images=images[:1], text=[PROMPT], return_tensors="pt")
+    stock = LlavaForConditionalGeneration(LlavaConfig(**tiny_llava_config().to_dict())).eval()
+    stock_inputs = {"input_ids": torch.tensor([[1, 7, 8]])}
+    for slim, reference in ((model.model, stock.model), (model, stock)):
+        cache = {"past_key_values": DynamicCache(config=model.config.text_config)}
+        expected = deprecation_messages(reference, **stock_inputs, **cache)
+        got = deprecation_messages(slim, **inputs, past_key_values=DynamicCache(config=model.config.text_config))
+        assert got == expected
+        if compat.cache_keyword(LlavaModel.forward) == "cache":
+            assert len(got) == 1 and "past_key_values" in got[0]

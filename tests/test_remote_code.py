@@ -278,3 +278,40 @@ def test_legacy_layout_with_slim_config_loads_through_remote_code(saved, isolate
     assert result["missing"] == [] and result["unexpected"] == [], result
     assert torch.equal(load_file(workdir / "legacy.safetensors")["logits"], saved["logits"])
     assert result["tokens"] == saved["tokens"]
+
+
+UNTESTED_RUNNER = textwrap.dedent(
+    '''
+    import sys
+    sys.modules["slimvlm"] = None  # any `import slimvlm` now raises ImportError
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, LlavaModel  # noqa: F401
+
+    # An untested release. (Importing a model class replaces the lazy `transformers` module in sys.modules: set it after.)
+    sys.modules["transformers"].__version__ = "9.0.0"
+
+    folder = sys.argv[1]
+    AutoConfig.from_pretrained(folder, trust_remote_code=True)
+    AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True)
+    copies = [name for name, module in sys.modules.items() if name.endswith(".compat") and hasattr(module, "warn_if_untested")]
+    print("COPIES", len(copies))
+    '''
+)
+
+
+def test_untested_transformers_warns_once_per_process_in_one_line_under_remote_code(saved, tmp_path):
+    """Config, processor and model each load their own copy of the shipped modules: one warning in all, one line."""
+    (tmp_path / "runner.py").write_text(UNTESTED_RUNNER)
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PYTHON")}
+    env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    completed = subprocess.run([sys.executable, "-I", str(tmp_path / "runner.py"), str(saved["folder"])], cwd=tmp_path,
+                               env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert int(completed.stdout.split("COPIES")[1]) >= 2  # several copies of compat were loaded
+    lines = completed.stderr.splitlines()
+    warned = [i for i, line in enumerate(lines) if "UntestedTransformersWarning" in line]
+    assert len(warned) == 1, completed.stderr
+    line = lines[warned[0]]
+    assert line.startswith("slimvlm:0: UntestedTransformersWarning: SlimVLM is tested with transformers >=")
+    assert "transformers 9.0.0 is installed" in line and line.endswith("'")
+    assert warned[0] + 1 == len(lines) or not lines[warned[0] + 1].startswith(" "), completed.stderr  # no source line
