@@ -245,7 +245,7 @@ BAD_INPUT = [
     pytest.param(lambda p: generate(p, "stock", "img.png", "--compression", "[64]"),
                  r"--compression must be a JSON object", id="compression-not-an-object"),
     pytest.param(lambda p: generate(p, "stock", "img.png", "--compression", '{"method": "zip"}'),
-                 r"compression\['method'\] must be one of \['none', 'visionzip', 'sparsevlm', 'voco'\], got 'zip'",
+                 r"compression\['method'\] must be one of \['none', 'visionzip', 'sparsevlm', 'voco', 'cdpruner', 'divprune'\], got 'zip'",
                  id="compression-unknown-method"),
     pytest.param(lambda p: generate(p, "stock", "img.png", "--compression", '{"method": "visionzip", "tokens": "64"}'),
                  r"compression\['tokens'\] .* must be an integer", id="compression-wrong-type"),
