@@ -468,27 +468,6 @@ def test_sdpa_and_eager_select_the_same_and_stock_models_are_unchanged():
     assert torch.equal(before, after)
 
 
-def test_remote_code_with_the_relevance_encoder_inside_the_checkpoint(tmp_path):
-    """A11: save -> trust_remote_code in a fresh process without slimvlm and offline: same logits and tokens; the
-    relevance encoder loads from the model's safetensors and the CLIP tokenizer from relevance_tokenizer/."""
-    from test_remote_code import check_remote_round_trip
-
-    model = slim_llava({"method": "cdpruner", "tokens": 12})
-    processor = slim_llava_processor(model.config.compression)
-    model, processor = with_clip_encoder(model, processor)
-    image = random_images(1)
-    image[0].save(tmp_path / "image.png")
-    inputs = processor(images=image, text=[PROMPT], return_tensors="pt")  # the prompt is the instruction, as remotely
-    result = check_remote_round_trip(model, processor, inputs, {"image": str(tmp_path / "image.png")}, PROMPT, tmp_path,
-                                     "SlimLlavaForConditionalGeneration", "SlimLlavaProcessor")
-    assert result["compression"]["relevance"] == "clip"
-    assert (tmp_path / "model" / "relevance_tokenizer").is_dir()
-    assert result["linear_dtypes"]["model.relevance_encoder.text_projection"] == "torch.float32"  # loaded remotely
-    reloaded = SlimLlavaForConditionalGeneration.from_pretrained(tmp_path / "model")
-    assert torch.equal(reloaded.model.relevance_encoder.text_projection.weight,
-                       model.model.relevance_encoder.text_projection.weight)
-
-
 @pytest.mark.parametrize("bits", [4, 8])
 def test_quantized_models_keep_the_selection(tmp_path, bits):
     """A12: under 4/8-bit the LLM is quantized, the tower, projector and relevance encoder stay float32, and the
@@ -512,14 +491,20 @@ def test_quantized_models_keep_the_selection(tmp_path, bits):
 
 
 def family_cases(tmp_path):
-    """(name, model, processor, inputs, media, prompt) for LLaVA-NeXT (CDPruner, per view), Video-LLaVA (CDPruner on
-    a video) and Mini-Gemini-HD (DivPrune after mining), each with the prompt as its instruction."""
+    """(name, model, processor, inputs, media, prompt) for LLaVA-1.5 (CDPruner, CLIP relevance encoder inside the
+    checkpoint), LLaVA-NeXT (CDPruner, per view), Video-LLaVA (CDPruner on a video) and Mini-Gemini-HD (DivPrune
+    after mining), each with the prompt as its instruction (as the isolated runner's processor call has it)."""
     import test_llava_next as nxt
     import test_mini_gemini as mgm
     import test_video_llava as vid
     from builders import make_mgm_processor, random_video
 
-    cases = []
+    model = slim_llava({"method": "cdpruner", "tokens": 12})
+    model, processor = with_clip_encoder(model, slim_llava_processor(model.config.compression))
+    image = random_images(1)[0]
+    image.save(tmp_path / "llava.png")
+    cases = [("llava", model, processor, processor(images=[image], text=[PROMPT], return_tensors="pt"),
+              {"image": str(tmp_path / "llava.png")}, PROMPT)]
     model = nxt.slim_next({"method": "cdpruner", "tokens": 9})
     processor = nxt.slim_processor(model.config.compression)
     image = next_images([(1, 2)])[0]
@@ -541,14 +526,16 @@ def family_cases(tmp_path):
     return cases
 
 
-def test_remote_code_for_the_other_families_in_one_offline_process(tmp_path):
-    """A11 for LLaVA-NeXT, Video-LLaVA and Mini-Gemini: trust_remote_code in a fresh process without slimvlm and
-    offline answers with the same logits and tokens."""
+def test_remote_code_for_every_family_in_one_offline_process(tmp_path):
+    """A11: save -> trust_remote_code in a fresh process without slimvlm and offline: the same logits and tokens on
+    every family; LLaVA-1.5's relevance encoder loads from the model's safetensors (float32) and its CLIP tokenizer
+    from relevance_tokenizer/."""
     from safetensors.torch import load_file
     from test_remote_code import run_isolated
 
-    tasks, expected = [], []
+    tasks, expected, models = [], [], {}
     for name, model, processor, inputs, media, prompt in family_cases(tmp_path):
+        models[name] = model
         folder = tmp_path / name
         model.save_pretrained(folder)
         processor.save_pretrained(folder)
@@ -565,6 +552,13 @@ def test_remote_code_for_the_other_families_in_one_offline_process(tmp_path):
         assert result["missing"] == [] and result["unexpected"] == []
         assert result["tokens"] == tokens
         torch.testing.assert_close(load_file(task["out"])["logits"], logits, rtol=0, atol=1e-5)
+    llava = report["results"][0]
+    assert llava["compression"]["relevance"] == "clip" and (tmp_path / "llava" / "relevance_tokenizer").is_dir()
+    assert llava["linear_dtypes"]["model.relevance_encoder.text_projection"] == "torch.float32"
+    reloaded = SlimLlavaForConditionalGeneration.from_pretrained(tmp_path / "llava")
+    for part in ("text_projection", "visual_projection"):
+        assert torch.equal(getattr(reloaded.model.relevance_encoder, part).weight,
+                           getattr(models["llava"].model.relevance_encoder, part).weight)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -636,6 +630,15 @@ def test_convert_fetches_the_relevance_encoder_once_into_the_checkpoint(stock_ch
                                                                                        "relevance": "clip"})
 
 
+def test_a_processor_of_another_count_is_refused_with_a_message():
+    """A8: the model's count and the processor's are one function; a processor built for another K raises."""
+    model = slim_llava({"method": "divprune", "tokens": 9})
+    inputs = slim_llava_processor({"method": "divprune", "tokens": 8})(images=random_images(1), text=[PROMPT],
+                                                                        return_tensors="pt")
+    with pytest.raises(ValueError, match="same compression"):
+        model(**inputs)
+
+
 def test_lmms_eval_backend_passes_the_question_without_its_answer_format_suffix():
     """§5.1 for the lmms-eval backend: the instruction is the question, not the answer-format suffix."""
     pytest.importorskip("lmms_eval")
@@ -656,7 +659,7 @@ def demo():
         pytest.skip("bundled demo model not present")
     model = SlimLlavaForConditionalGeneration.from_pretrained(BUNDLED_MODEL).eval()
     processor = SlimLlavaProcessor.from_pretrained(BUNDLED_MODEL)
-    return model, processor, shapes.make_samples("heldout", 8, seed=0, per_image=1)
+    return model, processor, shapes.make_samples("heldout", 6, seed=0, per_image=1)
 
 
 def demo_kept(model, processor, samples, compression, dtype=torch.float32, questions=None):
