@@ -706,3 +706,26 @@ def test_two_questions_select_differently_on_the_trained_demo_model(demo):
     again = demo_kept(model, processor, one, compression, questions=["what is the color of the circle ?"])[0]
     assert not torch.equal(color, count) and torch.equal(color, again)
     model.set_compression({"method": "none"})
+
+
+def test_video_llava_takes_the_clip_relevance_too():
+    """Video-LLaVA defaults to LLM-embedding relevance (no LanguageBind text tower in its checkpoints), but a CLIP
+    relevance encoder can be attached: frames are then scored with the video tower's layer -2 and the CLIP heads."""
+    import test_video_llava as vid
+    from builders import random_video
+
+    model = vid.slim_video({"method": "cdpruner", "tokens": 6})
+    processor = vid.slim_processor(model.config.compression)
+    model, processor = with_clip_encoder(model, processor)
+    assert model.config.compression["relevance"] == "clip"
+    kept = []
+    for question in ("what is the color of the circle", "how many square are there"):
+        inputs = processor(text=[vid.VIDEO_PROMPT], videos=[random_video(4, seed=1)], instructions=[question],
+                           return_tensors="pt")
+        assert inputs["relevance_video_input_ids"].shape == (1, 1, 77)
+        with torch.no_grad():
+            kept.append(torch.stack(model.model.get_video_features(
+                pixel_values_videos=inputs["pixel_values_videos"], relevance_video_input_ids=inputs["relevance_video_input_ids"],
+                relevance_video_attention_mask=inputs["relevance_video_attention_mask"]).kept_indices))
+            model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    assert kept[0].shape == (4, 6) and not torch.equal(kept[0], kept[1])
