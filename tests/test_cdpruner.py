@@ -729,3 +729,36 @@ def test_video_llava_takes_the_clip_relevance_too():
                 relevance_video_attention_mask=inputs["relevance_video_attention_mask"]).kept_indices))
             model.generate(**inputs, max_new_tokens=2, do_sample=False)
     assert kept[0].shape == (4, 6) and not torch.equal(kept[0], kept[1])
+
+
+@pytest.mark.parametrize("family", ["next", "mgm-hd"])
+def test_clip_relevance_on_next_views_and_mined_mini_gemini_views(family):
+    """The CLIP relevance on LLaVA-NeXT (per view, one min-max per image) and on Mini-Gemini-HD (the unmined layer
+    -2 patches with the CLIP heads, selection on the mined projections): the question changes the kept sets, the
+    same question keeps them, and generate runs."""
+    import test_llava_next as nxt
+    import test_mini_gemini as mgm
+    from builders import make_mgm_processor
+
+    if family == "next":
+        model = nxt.slim_next({"method": "cdpruner", "tokens": 9})
+        processor = nxt.slim_processor(model.config.compression)
+        image, prompt = next_images([(2, 2)]), nxt.PROMPT
+    else:
+        model = mgm.slim_mgm({"method": "cdpruner", "tokens": 9}, hd=True)
+        processor = make_mgm_processor(True, model.config.compression)
+        image, prompt = random_images(1, 64, seed=5), mgm.PROMPT
+    model, processor = with_clip_encoder(model, processor)
+
+    def kept(question):
+        inputs = processor(images=image, text=[prompt], instructions=[question], return_tensors="pt")
+        names = inspect.signature(model.model.get_image_features).parameters
+        with torch.no_grad():
+            out = model.model.get_image_features(**{k: v for k, v in inputs.items() if k in names})
+            model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        assert out.pooler_output[0].shape[0] == 45 == (inputs["input_ids"] == IMAGE_TOKEN_ID).sum()  # 5 views x 9
+        return torch.stack(list(out.kept_indices))
+
+    first, other = kept("what is the color of the circle"), kept("how many square are there")
+    again = kept("what is the color of the circle")
+    assert not torch.equal(first, other) and torch.equal(first, again)
