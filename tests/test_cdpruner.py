@@ -630,6 +630,22 @@ def test_convert_fetches_the_relevance_encoder_once_into_the_checkpoint(stock_ch
                                                                                        "relevance": "clip"})
 
 
+@pytest.mark.parametrize("method", ["cdpruner", "divprune"])
+def test_tower_outputs_and_tuples_as_the_stock_get_image_features(method):
+    """As the stock method: output_hidden_states / output_attentions return the tower's, return_dict=False a tuple."""
+    model = slim_llava({"method": method, "tokens": 8}, attn="eager")  # SDPA returns no attention maps
+    pixels = torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(0))
+    relevance = {"relevance_input_ids": torch.tensor([[8, 9], [10, 11]])} if method == "cdpruner" else {}
+    with torch.no_grad():
+        out = model.model.get_image_features(pixel_values=pixels, output_hidden_states=True, output_attentions=True,
+                                             **relevance)
+        plain = model.model.get_image_features(pixel_values=pixels, **relevance)
+        as_tuple = model.model.get_image_features(pixel_values=pixels, return_dict=False, **relevance)
+    assert len(out.hidden_states) == 5 and len(out.attentions) == 4 and plain.hidden_states is None
+    assert all(torch.equal(a, b) for a, b in zip(out.pooler_output, plain.pooler_output))
+    assert isinstance(as_tuple, tuple)
+
+
 def test_a_processor_of_another_count_is_refused_with_a_message():
     """A8: the model's count and the processor's are one function; a processor built for another K raises."""
     model = slim_llava({"method": "divprune", "tokens": 9})
