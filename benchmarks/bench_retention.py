@@ -1,6 +1,7 @@
 """Accuracy retention vs visual-token budget on the bundled shapes VQA model (held-out questions).
 
-Methods: VisionZip and SparseVLM (the library's), and two baselines any reviewer asks for, applied to
+Methods: VisionZip, SparseVLM, CDPruner (instruction = the question, relevance from the LLM input
+embeddings: the demo checkpoint has no CLIP text tower) and DivPrune (the library's), and two baselines any reviewer asks for, applied to
 the same vision features before the projector: random token dropping and average pooling to the same
 count. VoCo-LLaMA needs its own trained model; its result is merged from benchmarks/results/voco_demo.json
 when that file exists.
@@ -124,6 +125,8 @@ def run(args) -> dict:
     jobs = [("none", 576, {"method": "none"})]
     jobs += [("visionzip", k, {"method": "visionzip", "tokens": k}) for k in BUDGETS if k < 576]
     jobs += [("sparsevlm", k, sparsevlm_setting(depth, k)) for k in SPARSEVLM_PRESETS]
+    jobs += [("cdpruner", k, {"method": "cdpruner", "tokens": k, "relevance": "llm_embeddings"}) for k in BUDGETS if k < 576]
+    jobs += [("divprune", k, {"method": "divprune", "tokens": k}) for k in BUDGETS if k < 576]
     jobs += [(mode, k, None) for mode in ("random", "avgpool") for k in BUDGETS if k < 576]
 
     rows = []
@@ -170,7 +173,8 @@ def plot(result: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
     dense = result["rows"][0]["accuracy"]
-    for method, style in (("visionzip", "o-"), ("sparsevlm", "s-"), ("random", "x--"), ("avgpool", "d--")):
+    for method, style in (("visionzip", "o-"), ("sparsevlm", "s-"), ("cdpruner", "^-"), ("divprune", "v-"),
+                          ("random", "x--"), ("avgpool", "d--")):
         points = sorted((r["tokens"], r["accuracy"]) for r in result["rows"] if r["method"] == method)
         if points:
             ax.plot(*zip(*points), style, label=method)

@@ -71,7 +71,8 @@ def dpp_greedy_map(features: torch.Tensor, relevance: torch.Tensor, tokens: int)
     views, length, _ = features.shape
     check_tokens(tokens, length)
     relevance = relevance.float()
-    kernel = relevance[:, :, None] * cosine_similarity_matrix(features) * relevance[:, None, :]
+    # In place: the N x N kernel is the only N x N matrix held (L_ij = (r_i·S_ij)·r_j).
+    kernel = cosine_similarity_matrix(features).mul_(relevance[:, :, None]).mul_(relevance[:, None, :])
     gains = torch.diagonal(kernel, dim1=1, dim2=2).clone()
     cholesky = kernel.new_zeros(views, tokens, length)
     picked = torch.zeros(views, length, dtype=torch.bool, device=kernel.device)
@@ -109,7 +110,7 @@ def divprune_select(features: torch.Tensor, tokens: int) -> torch.Tensor:
     """
     views, length, _ = features.shape
     check_tokens(tokens, length)
-    distance = 1 - cosine_similarity_matrix(features)
+    distance = cosine_similarity_matrix(features).neg_().add_(1)  # Δ = 1 - S, in place (one N x N matrix)
     rows = torch.arange(views, device=distance.device)
     if length == 1:
         return torch.zeros(views, 1, dtype=torch.long, device=distance.device)

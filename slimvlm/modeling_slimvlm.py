@@ -361,7 +361,7 @@ class SlimModelMixin(StockInitMixin):
             layer and d counts patches.
         CDPruner / DivPrune also take (in kwargs) `groups` (the views of each image, in the family's token order;
         default one view per image), `select_strategy` ("default" drops CLS from the candidates, "full" keeps
-        it), `counts` ((per view K, per image K) as the family counts them) and the relevance inputs.
+        it) and the relevance inputs (`RELEVANCE_KEYS`, one row per image).
         Returns the views in each view's own token order (`VisionViews`); the family lays them out per image.
         """
         compression = self.config.compression
@@ -370,6 +370,7 @@ class SlimModelMixin(StockInitMixin):
         output_hidden_states = kwargs.get("output_hidden_states", self.config.output_hidden_states)
         output_attentions = kwargs.get("output_attentions", self.config.output_attentions)
         if compression["method"] != "visionzip":
+            kwargs = {key: value for key, value in kwargs.items() if key not in ("output_hidden_states", "output_attentions")}
             return self._pruned_views(pixel_values, layer, vision_tower, transform, output_hidden_states,
                                       output_attentions, **kwargs)
         feature_layer = resolve_feature_layer(layer, len(vision_tower.encoder.layers))
@@ -439,14 +440,15 @@ class SlimModelMixin(StockInitMixin):
         if compression["method"] == "cdpruner" and compression["relevance"] == "clip":
             raise ValueError("CDPruner scope 'image' on a packed block has no per-patch CLIP relevance; use scope 'view' "
                              "(the official layout) or relevance 'llm_embeddings'")
+        if compression["method"] == "cdpruner" and relevance_input_ids is not None and relevance_input_ids.shape[0] != len(blocks):
+            raise ValueError(f"relevance_input_ids has {relevance_input_ids.shape[0]} rows but there are {len(blocks)} "
+                             "images: the processor writes one row per image")
         features, kept_indices = [], []
         for image, block in enumerate(blocks):
             weights = None
             if compression["method"] == "cdpruner":
                 mask = None if relevance_attention_mask is None else relevance_attention_mask[image: image + 1]
                 ids = None if relevance_input_ids is None else relevance_input_ids[image: image + 1]
-                if ids is not None and relevance_input_ids.shape[0] != len(blocks):
-                    ids = relevance_input_ids  # let _relevance report the mismatch
                 weights = minmax_relevance(self._relevance(block[None], None, None, [[0]], ids, mask), compression["theta"])
             kept = self._select(block[None], weights, pruned_count(compression, block.shape[0]))
             features.append(gather_rows(block[None], kept)[0])

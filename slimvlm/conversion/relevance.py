@@ -36,7 +36,8 @@ def attach_relevance_encoder(model, clip, processor=None, tokenizer=None, source
 
             tokenizer = AutoTokenizer.from_pretrained(clip, revision=revision)
         clip = CLIPModel.from_pretrained(clip, revision=revision, dtype=torch.float32)
-    vision_tower = model.model.vision_tower
+    base = model.model
+    vision_tower = base.vision_tower if hasattr(base, "vision_tower") else base.image_tower  # Video-LLaVA: two towers
     if vision_tower.config.hidden_size != clip.config.vision_config.hidden_size:
         raise ValueError(f"the CLIP model's vision width {clip.config.vision_config.hidden_size} differs from this "
                          f"model's vision tower ({vision_tower.config.hidden_size}): its visual_projection cannot apply")
