@@ -145,11 +145,16 @@ def prepare(args):
                               "its last checkpoint")
     if args.image_folder is not None and not Path(args.image_folder).is_dir():
         raise FileNotFoundError(f"--image-folder {args.image_folder} is not a folder")
+    from ..auto import family_of
+
     compression = _compression(args)
-    records = read_records(args.data)
+    if compression is not None:
+        check_compression(args.recipe, compression)
+    family = family_of(args.model)
+    examples = check_records(read_records(args.data), args.image_folder,
+                             takes_videos=getattr(family.processor, "takes_videos", False))
     model, processor, family = load_model(args.model, compression)
     check_compression(args.recipe, model.config.compression)
-    examples = check_records(records, args.image_folder, takes_videos=getattr(family.processor, "takes_videos", False))
     voco_token_id = None
     if args.recipe.startswith("voco"):
         from ..voco import add_voco_token
@@ -212,6 +217,16 @@ def make_trainer(args, model, dataset, collator, callbacks=None):
                  for (projector, decayed), params in sorted(groups.items())], **optimizer_kwargs)
             return self.optimizer
 
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            # Our checkpoints are written by save_pretrained, which keeps the base checkpoint's key layout (the legacy
+            # llava-hf names for the bundled model); Trainer's own resume loads the raw state dict without that
+            # mapping, which would leave every weight at its start value. Reload through from_pretrained instead.
+            model = model if model is not None else self.model
+            if self.is_deepspeed_enabled or self.is_fsdp_enabled or hasattr(model, "peft_config"):
+                return super()._load_from_checkpoint(resume_from_checkpoint, model)
+            saved = type(model).from_pretrained(resume_from_checkpoint, config=model.config)
+            model.load_state_dict(saved.state_dict())
+
     return SlimTrainer(model=model, args=training_arguments(args), train_dataset=dataset, data_collator=collator,
                        callbacks=callbacks)
 
@@ -261,8 +276,8 @@ def train(argv: list[str] | None = None, callbacks=None) -> Path:
 def run(args, callbacks=None) -> Path:
     import transformers
 
+    transformers.set_seed(args.seed)  # before the model: LoRA's A matrices (and a new <voco> row) draw from it
     model, processor, dataset, collator = prepare(args)
-    transformers.set_seed(args.seed)
     trainer = make_trainer(args, model, dataset, collator, callbacks)
     trainer.train(resume_from_checkpoint=True if args.resume else None)
     return save_output(args, trainer, processor, len(dataset))
