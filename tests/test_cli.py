@@ -85,7 +85,7 @@ def test_push_refuses_folder_without_card(tmp_path):
 def test_parser_lists_every_command():
     commands = build_parser()._subparsers._group_actions[0].choices
     assert set(commands) == {"demo", "generate", "convert", "convert-original", "export", "export-projector", "import-projector",
-                             "push", "eval"}
+                             "push", "eval", "train", "demo-data"}
 
 
 @pytest.mark.parametrize("depth", [4, 8, 16, 32])
