@@ -237,6 +237,9 @@ def test_projector_output_loads_remote_code_exports_and_has_a_card(demo_data, tm
     rebuilt = import_projector(BUNDLED_MODEL, tmp_path / "proj", tmp_path / "rebuilt")
     again, again_processor, _ = load_model(str(rebuilt), json.loads(VZ64))
     assert torch.allclose(logits(again, again_processor, demo_data), tuned, atol=1e-6)
+    from slimvlm.demo.tuned import with_projector  # what the demo does with the exported file
+
+    assert torch.allclose(logits(with_projector(base, tmp_path / "proj"), again_processor, demo_data), tuned, atol=1e-6)
     card = ModelCard.load(out / "README.md")
     assert card.data.datasets == ["liuhaotian/LLaVA-Instruct-150K"]
     training = card.data.slimvlm_training
@@ -262,6 +265,12 @@ def test_lora_adapter_and_merge(demo_data, tmp_path):
     merged_model = AutoModelForImageTextToText.from_pretrained(merged, trust_remote_code=True)
     assert torch.allclose(with_adapter, logits(merged_model, processor, demo_data), atol=1e-4)
     assert not torch.allclose(with_adapter, without, atol=1e-4)
+    # the demo applies the adapter without peft (slimvlm/demo/tuned.py): the same answers as peft's merge
+    from slimvlm import SlimLlavaForConditionalGeneration
+    from slimvlm.demo.tuned import with_lora
+
+    bundled = SlimLlavaForConditionalGeneration.from_pretrained(BUNDLED_MODEL)
+    assert torch.allclose(logits(with_lora(bundled, out / "adapter"), processor, demo_data), with_adapter, atol=1e-5)
     a, base = load_file(out / "model.safetensors"), load_file(BUNDLED_MODEL / "model.safetensors")
     assert set(a) == set(base) and not torch.equal(a[PROJECTOR], base[PROJECTOR])
     assert all(torch.equal(a[k], base[k]) for k in a if "multi_modal_projector" not in k)
