@@ -289,3 +289,13 @@ def test_voco_lora_trains_the_voco_rows(demo_data, tmp_path):
     for key in ("language_model.model.embed_tokens.weight", "language_model.lm_head.weight"):
         changed = (trained[key] != base[key]).any(-1).nonzero().flatten().tolist()
         assert changed == [voco], (key, changed)
+
+
+def test_bf16_is_one_flag(demo_data, tmp_path):
+    """--bf16: mixed precision (autocast; on CPU too), the saved weights stay fp32 and the loss stays close."""
+    common = ["--max-steps", "1", "--per-device-batch-size", "2"]
+    fp32 = train(arguments("projector", demo_data, tmp_path / "fp32", *common))
+    bf16 = train(arguments("projector", demo_data, tmp_path / "bf16", *common, "--bf16"))
+    losses = [json.loads((folder / "training_summary.json").read_text())["losses"][0] for folder in (fp32, bf16)]
+    assert losses[0] != losses[1] and abs(losses[0] - losses[1]) < 0.1 * losses[0]
+    assert load_file(bf16 / "model.safetensors")[PROJECTOR].dtype == torch.float32

@@ -179,8 +179,10 @@ def training_arguments(args):
     extra = {}
     if args.max_steps is not None:
         extra["max_steps"] = args.max_steps
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
-        extra.update(ddp_backend="gloo", use_cpu=True)  # torchrun on CPU: accelerate's MULTI_CPU over gloo
+    if not torch.cuda.is_available():
+        extra["use_cpu"] = True  # bf16 autocast on CPU; several processes: accelerate's MULTI_CPU
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            extra["ddp_backend"] = "gloo"
     for name in ("deepspeed", "fsdp", "fsdp_config"):
         if getattr(args, name):
             extra[name] = getattr(args, name)
