@@ -250,6 +250,7 @@ def test_projector_output_loads_remote_code_exports_and_has_a_card(demo_data, tm
 def test_lora_adapter_and_merge(demo_data, tmp_path):
     """lora: OUT (base + tuned projector) + OUT/adapter answer like the --merge checkpoint of the same run; the
     adapter changes the answers; only the projector and the LoRA matrices trained."""
+    pytest.importorskip("peft")
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     common = ["--max-steps", "2", "--per-device-batch-size", "4", "--lora-r", "4", "--lora-alpha", "8",
@@ -278,6 +279,7 @@ def test_lora_adapter_and_merge(demo_data, tmp_path):
 
 def test_voco_lora_trains_the_voco_rows(demo_data, tmp_path):
     """voco-lora: the <voco> rows of embed_tokens and lm_head train (peft trainable tokens), no other row."""
+    pytest.importorskip("peft")
     argv = arguments("voco-lora", demo_data, tmp_path / "out", "--max-steps", "2", "--per-device-batch-size", "2",
                      "--lora-r", "4", "--lora-alpha", "8", "--merge")
     argv[argv.index("--compression") + 1] = json.dumps({"method": "voco", "num_voco_tokens": 1})
