@@ -301,3 +301,12 @@ def test_bf16_is_one_flag(demo_data, tmp_path):
     losses = [json.loads((folder / "training_summary.json").read_text())["losses"][0] for folder in (fp32, bf16)]
     assert losses[0] != losses[1] and abs(losses[0] - losses[1]) < 0.1 * losses[0]
     assert load_file(bf16 / "model.safetensors")[PROJECTOR].dtype == torch.float32
+
+
+def test_demo_data_command_writes_llava_json(tmp_path, capsys):
+    assert cli.main(["demo-data", "--output", str(tmp_path / "d"), "--samples", "6"]) == 0
+    records = json.loads((tmp_path / "d" / "data.json").read_text())
+    assert len(records) == 6 and all((tmp_path / "d" / "images" / r["image"]).is_file() for r in records)
+    assert records[0]["conversations"][0]["value"].startswith("<image>\n")
+    assert len(check_records(records, tmp_path / "d" / "images")) == 6
+    assert "exists and is not an empty folder" in one_line_error(capsys, ["demo-data", "--output", str(tmp_path / "d")])
