@@ -89,6 +89,9 @@ def _resolve_defaults(args) -> None:
         args.lora_r = defaults.lora["r"] if args.lora_r is None else args.lora_r
         args.lora_alpha = defaults.lora["alpha"] if args.lora_alpha is None else args.lora_alpha
         args.lora_dropout = defaults.lora["dropout"] if args.lora_dropout is None else args.lora_dropout
+        if args.merge and (args.deepspeed or args.fsdp):
+            raise ValueError("--merge works on one process's full weights: with --deepspeed / --fsdp, train without "
+                             "it and merge OUT/adapter afterwards (peft merge_and_unload)")
     elif args.merge or args.projector_learning_rate is not None or args.lora_r is not None:
         raise ValueError(f"--merge, --projector-learning-rate and --lora-* are for the lora recipes, not {args.recipe}")
     if args.gradient_accumulation_steps is None:
@@ -250,17 +253,18 @@ def save_output(args, trainer, processor, data_size: int) -> Path:
     if args.recipe.endswith("lora"):
         summary.update(lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                        projector_learning_rate=args.projector_learning_rate, merged=args.merge)
-    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
-        trainer.save_model(str(output))  # gathers sharded weights; every rank must call it
-        if not trainer.is_world_process_zero():
-            return output
-    elif not trainer.is_world_process_zero():
+    lora = args.recipe.endswith("lora")
+    sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
+    if sharded:  # (untested: no GPU) Trainer gathers the sharded weights; every rank must call it
+        trainer.save_model(str(output / ADAPTER_FOLDER if lora else output))
+    if not trainer.is_world_process_zero():
         return output
-    if args.recipe.endswith("lora"):
+    if lora and not sharded:
         if not args.merge:
             model.save_pretrained(str(output / ADAPTER_FOLDER))
         model = model.merge_and_unload() if args.merge else model.unload()
-    model.save_pretrained(str(output))
+    if not sharded:
+        model.save_pretrained(str(output))
     processor.save_pretrained(str(output))
     (output / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     write_training_card(model, output, summary, base_model=args.base_model, datasets=args.dataset_id)
