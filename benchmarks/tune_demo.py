@@ -1,7 +1,7 @@
 """Tuning under compression on the bundled shapes model: VisionZip 64, VisionZip‡ 64 (projector) and VisionZip 64 +
 LoRA, on the retention benchmark's held-out questions (CPU, not part of the tests).
 
-    python benchmarks/tune_demo.py [--steps 120] [--questions 300] [--out benchmarks/results/tune_demo.json]
+    python benchmarks/tune_demo.py [--steps 240] [--questions 300] [--out benchmarks/results/tune_demo.json]
         [--save-assets]      # also write slimvlm/demo/assets/tuned-visionzip64 (what `slimvlm demo` uses)
 
 1. `slimvlm demo-data` writes --records training records (4 questions per picture, train split).
@@ -55,13 +55,20 @@ def evaluate(model, samples) -> tuple[float, dict]:
     return score, {k: round(sum(v) / len(v), 3) for k, v in sorted(table.items())}
 
 
+def portable_adapter_config(path: Path) -> None:
+    """peft writes the base model's absolute path; the shipped file names it relative to the repository."""
+    config = json.loads(path.read_text())
+    config["base_model_name_or_path"] = str(BUNDLED_MODEL.relative_to(ROOT))
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--steps", type=int, default=240)
     parser.add_argument("--records", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
@@ -93,6 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
         export_projector(outputs["projector"], assets)
         for name in ("adapter_model.safetensors", "adapter_config.json"):
             shutil.copy2(outputs["lora"] / "adapter" / name, assets / name)
+        portable_adapter_config(assets / "adapter_config.json")
         files = {name: sha256(assets / name) for name in sorted(os.listdir(assets))}
         print(f"tuned files: {files}", flush=True)
         base = SlimLlavaForConditionalGeneration.from_pretrained(BUNDLED_MODEL)

@@ -106,7 +106,8 @@ def test_demo_runs_offline_on_the_bundled_model(capsys):
     out = capsys.readouterr().out
     rows = {line.split("  ")[0].strip(): line for line in out.splitlines() if "KiB (" in line}
     assert set(rows) == {"none", "visionzip 192", "visionzip 64", "visionzip 16", "sparsevlm 192 (preset budgets)",
-                         "sparsevlm 64 (preset budgets)", "voco K=2 (fine-tuned companion)"}
+                         "sparsevlm 64 (preset budgets)", "voco K=2 (fine-tuned companion)",
+                         "visionzip‡ 64 (projector tuned)", "visionzip 64 + lora (tuned)"}
     assert "576" in rows["none"] and "(1.00x)" in rows["none"]
     assert " 64 " in rows["visionzip 64"] and "ET " in rows["sparsevlm 64 (preset budgets)"]
     assert all(float(line.split()[-1]) >= 0 for line in rows.values())  # an accuracy in every row
