@@ -310,3 +310,51 @@ def test_demo_data_command_writes_llava_json(tmp_path, capsys):
     assert records[0]["conversations"][0]["value"].startswith("<image>\n")
     assert len(check_records(records, tmp_path / "d" / "images")) == 6
     assert "exists and is not an empty folder" in one_line_error(capsys, ["demo-data", "--output", str(tmp_path / "d")])
+
+
+VIDEO_TEMPLATE = (  # user turns: their images / videos first, then the text (as the demo's template does for images)
+    "{%- for message in messages -%}"
+    "{%- set text = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ') -%}"
+    "{%- set media = message['content'] | rejectattr('type', 'equalto', 'text') | map(attribute='type')"
+    " | map('replace', 'image', '<image>\\n') | map('replace', 'video', '<video>\\n') | join('') -%}"
+    "{%- if message['role'] == 'user' -%}{{ ('' if loop.first else ' ') + 'USER: ' + media + text }}"
+    "{%- else -%}{{ ' ASSISTANT: ' + text + eos_token }}{%- endif -%}"
+    "{%- endfor -%}{%- if add_generation_prompt -%}{{ ' ASSISTANT:' }}{%- endif -%}"
+)
+
+
+def test_video_llava_trains_on_a_video_record(tmp_path):
+    """A Video-LLaVA record whose video is a folder of frames: its <video> expands to frames x tokens, unsupervised,
+    the answer is supervised, and the projector recipe trains on it (tiny random Video-LLaVA)."""
+    from PIL import Image
+
+    from builders import VIDEO_PATCH, make_video_image_processor, make_video_tokenizer, random_video, \
+        tiny_video_llava_config
+    from slimvlm import SlimVideoLlavaConfig, SlimVideoLlavaForConditionalGeneration, SlimVideoLlavaProcessor
+
+    config = SlimVideoLlavaConfig(**tiny_video_llava_config().to_dict(), compression={"method": "none"})
+    SlimVideoLlavaForConditionalGeneration(config).save_pretrained(tmp_path / "model")
+    processor = SlimVideoLlavaProcessor(image_processor=make_video_image_processor(), tokenizer=make_video_tokenizer(),
+                                        patch_size=VIDEO_PATCH, chat_template=VIDEO_TEMPLATE)
+    processor.save_pretrained(tmp_path / "model")
+    (tmp_path / "media" / "clip").mkdir(parents=True)
+    for index, frame in enumerate(random_video(4, seed=3)):
+        Image.fromarray(frame).save(tmp_path / "media" / "clip" / f"{index:03d}.png")
+    records = [{"video": "clip", "conversations": [{"from": "human", "value": "<video>\nwhat is this ?"},
+                                                  {"from": "gpt", "value": "a red circle"}]}] * 2
+    data = write_json(tmp_path, records)
+    _, loaded, family = load_model(str(tmp_path / "model"), None)
+    examples = check_records(records, tmp_path / "media", takes_videos=family.processor.takes_videos)
+    batch = ChatCollator(loaded)([SupervisedDataset(examples)[0]])
+    assert batch["pixel_values_videos"].shape[:2] == (1, 4)
+    video_id = loaded.tokenizer.convert_tokens_to_ids("<video>")
+    assert int((batch["input_ids"] == video_id).sum()) == 4 * 37  # 4 frames x (6 x 6 patches + CLS)
+    supervised = [i for i in batch["labels"][0].tolist() if i != IGNORE_INDEX]
+    assert loaded.tokenizer.convert_ids_to_tokens(supervised) == ["a", "red", "circle", "</s>"]
+    out = train(["projector", "--model", str(tmp_path / "model"), "--data", str(data), "--image-folder",
+                 str(tmp_path / "media"), "--output", str(tmp_path / "out"), "--max-steps", "2",
+                 "--per-device-batch-size", "1", "--gradient-accumulation-steps", "1", "--learning-rate", "1e-2"])
+    trained = load_file(out / "model.safetensors")
+    base = load_file(tmp_path / "model" / "model.safetensors")
+    changed = {k for k in base if not torch.equal(trained[k], base[k])}
+    assert changed and all("multi_modal_projector" in k for k in changed)
