@@ -358,3 +358,15 @@ def test_video_llava_trains_on_a_video_record(tmp_path):
     base = load_file(tmp_path / "model" / "model.safetensors")
     changed = {k for k in base if not torch.equal(trained[k], base[k])}
     assert changed and all("multi_modal_projector" in k for k in changed)
+
+
+def test_voco_recipe_trains_llm_and_projector_not_the_tower(demo_data, tmp_path):
+    argv = arguments("voco", demo_data, tmp_path / "out", "--max-steps", "2", "--per-device-batch-size", "2")
+    argv[argv.index("--compression") + 1] = json.dumps({"method": "voco", "num_voco_tokens": 2})
+    out = train(argv)
+    config = json.loads((out / "config.json").read_text())
+    assert config["compression"] == {"method": "voco", "num_voco_tokens": 2} and config["voco_token_id"] == 5
+    trained, base = load_file(out / "model.safetensors"), load_file(BUNDLED_MODEL / "model.safetensors")
+    changed = {k for k in base if not torch.equal(trained[k], base[k])}
+    assert not any(k.startswith("vision_tower") for k in changed)
+    assert PROJECTOR in changed and "language_model.model.layers.0.self_attn.q_proj.weight" in changed
