@@ -285,6 +285,12 @@ def run(args, callbacks=None) -> Path:
     transformers.set_seed(args.seed)  # before the model: LoRA's A matrices (and a new <voco> row) draw from it
     model, processor, dataset, collator = prepare(args)
     trainer = make_trainer(args, model, dataset, collator, callbacks)
+    if trainer.is_world_process_zero():
+        from .recipes import trainable_summary
+
+        trainable, total = trainable_summary(model)
+        print(f"slimvlm train {args.recipe}: {len(dataset)} records, compression {model.config.compression}; "
+              f"training {trainable:,} of {total:,} parameters", file=sys.stderr, flush=True)
     trainer.train(resume_from_checkpoint=True if args.resume else None)
     return save_output(args, trainer, processor, len(dataset))
 
