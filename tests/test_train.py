@@ -225,7 +225,7 @@ def test_projector_output_loads_remote_code_exports_and_has_a_card(demo_data, tm
     from slimvlm.conversion.projector import export_projector, import_projector
 
     out = train(arguments("projector", demo_data, tmp_path / "out", "--max-steps", "2", "--per-device-batch-size", "4",
-                          "--dataset-id", "liuhaotian/LLaVA-Instruct-150K"))
+                          "--dataset-id", "liuhaotian/LLaVA-Instruct-150K", "--base-model", "llava-hf/llava-1.5-7b-hf"))
     model = AutoModelForImageTextToText.from_pretrained(out, trust_remote_code=True)
     processor = AutoProcessor.from_pretrained(out, trust_remote_code=True)
     assert model.config.compression == {"method": "visionzip", "dominant": 54, "contextual": 10}
@@ -242,6 +242,7 @@ def test_projector_output_loads_remote_code_exports_and_has_a_card(demo_data, tm
     assert torch.allclose(logits(with_projector(base, tmp_path / "proj"), again_processor, demo_data), tuned, atol=1e-6)
     card = ModelCard.load(out / "README.md")
     assert card.data.datasets == ["liuhaotian/LLaVA-Instruct-150K"]
+    assert (card.data.base_model, card.data.base_model_relation) == ("llava-hf/llava-1.5-7b-hf", "finetune")
     training = card.data.slimvlm_training
     assert (training["recipe"], training["data_size"], training["steps"]) == ("projector", 24, 2)
     assert training["compression"]["method"] == "visionzip" and "slimvlm train projector" in card.text
