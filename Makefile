@@ -15,14 +15,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# CPU torch first: an unpinned torch would pull a multi-GB CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet --upgrade -e ".[test,quantization,bench,eval]"
+	$(PY) -m pip install --quiet --upgrade -e ".[test,quantization,bench,eval,train]"
 	$(PY) -m pip install --quiet --no-deps "$(LMMS_EVAL)"
 	touch $@
 
 $(OLDEST_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(OLDEST_VENV)
 	$(OLDEST_VENV)/bin/python -m pip install --quiet torch==2.13.0
-	$(OLDEST_VENV)/bin/python -m pip install --quiet -e ".[test,quantization,bench,eval]" "transformers==$(OLDEST_TRANSFORMERS)"
+	$(OLDEST_VENV)/bin/python -m pip install --quiet -e ".[test,quantization,bench,eval,train]" "transformers==$(OLDEST_TRANSFORMERS)"
 	$(OLDEST_VENV)/bin/python -m pip install --quiet --no-deps "$(LMMS_EVAL)"
 	touch $@
 

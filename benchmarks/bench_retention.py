@@ -4,7 +4,8 @@ Methods: VisionZip, SparseVLM, CDPruner (instruction = the question, relevance f
 embeddings: the demo checkpoint has no CLIP text tower) and DivPrune (the library's), and two baselines any reviewer asks for, applied to
 the same vision features before the projector: random token dropping and average pooling to the same
 count. VoCo-LLaMA needs its own trained model; its result is merged from benchmarks/results/voco_demo.json
-when that file exists.
+when that file exists, and the tuned VisionZip 64 rows (VisionZip‡ 64: projector tuned; VisionZip 64 + LoRA) from
+benchmarks/results/tune_demo.json (benchmarks/tune_demo.py, the same held-out questions).
 
     python benchmarks/bench_retention.py [--questions 300] [--out benchmarks/results]
 
@@ -153,6 +154,7 @@ def run(args) -> dict:
     for row in rows:
         row["retention"] = row["accuracy"] / dense if dense else None
     voco = ROOT / "benchmarks" / "results" / "voco_demo.json"
+    tuned = ROOT / "benchmarks" / "results" / "tune_demo.json"
     result = {
         "model": str(args.model),
         "questions": len(samples),
@@ -161,6 +163,7 @@ def run(args) -> dict:
         "cls_attention": attention,
         "rows": rows,
         "voco": json.loads(voco.read_text()) if voco.exists() else None,
+        "tuned": json.loads(tuned.read_text()) if tuned.exists() else None,
     }
     return result
 
@@ -182,6 +185,8 @@ def plot(result: dict, path: Path) -> None:
     if voco:
         ax.plot([voco["num_voco_tokens"]], [voco["accuracy"]["voco_after_finetuning_cached"]], "*", markersize=12,
                 label=f"VoCo-LLaMA (fine-tuned, {voco['eval_samples']} q)")
+    for row in (result.get("tuned") or {}).get("rows", [])[2:]:
+        ax.plot([64], [row["accuracy"]], "^" if "LoRA" in row["label"] else "v", markersize=9, label=row["label"])
     ax.axhline(dense, color="gray", linestyle=":", label=f"uncompressed (576): {dense:.2f}")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("visual tokens per image")

@@ -464,6 +464,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--compare", metavar="SETTINGS", help="JSON object label -> compression (or model_args "
                           "overrides), inline or a file: run the tasks once per setting (none added) and write one table")
     evaluate.set_defaults(func=run_eval)
+
+    from .train.cli import add_demo_data_command, add_train_command
+
+    add_train_command(command)  # slimvlm train RECIPE ... (slimvlm/train/)
+    add_demo_data_command(command)  # slimvlm demo-data --output DIR [--samples N]
     return parser
 
 

@@ -85,7 +85,7 @@ def test_push_refuses_folder_without_card(tmp_path):
 def test_parser_lists_every_command():
     commands = build_parser()._subparsers._group_actions[0].choices
     assert set(commands) == {"demo", "generate", "convert", "convert-original", "export", "export-projector", "import-projector",
-                             "push", "eval"}
+                             "push", "eval", "train", "demo-data"}
 
 
 @pytest.mark.parametrize("depth", [4, 8, 16, 32])
@@ -106,7 +106,8 @@ def test_demo_runs_offline_on_the_bundled_model(capsys):
     out = capsys.readouterr().out
     rows = {line.split("  ")[0].strip(): line for line in out.splitlines() if "KiB (" in line}
     assert set(rows) == {"none", "visionzip 192", "visionzip 64", "visionzip 16", "sparsevlm 192 (preset budgets)",
-                         "sparsevlm 64 (preset budgets)", "cdpruner 64", "divprune 64", "voco K=2 (fine-tuned companion)"}
+                         "sparsevlm 64 (preset budgets)", "cdpruner 64", "divprune 64", "voco K=2 (fine-tuned companion)",
+                         "visionzip‡ 64 (projector tuned)", "visionzip 64 + lora (tuned)"}
     assert "576" in rows["none"] and "(1.00x)" in rows["none"]
     assert " 64 " in rows["visionzip 64"] and "ET " in rows["sparsevlm 64 (preset budgets)"]
     assert " 64 " in rows["cdpruner 64"] and " 64 " in rows["divprune 64"]

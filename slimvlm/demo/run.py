@@ -105,6 +105,22 @@ def run_llava_settings(model, processor, samples, prompt_builder) -> list[DemoRo
     return rows
 
 
+def tuned_rows(model, processor, samples, prompt_builder) -> list[DemoRow]:
+    """VisionZip‡ 64 (projector tuned) and VisionZip 64 + LoRA: the bundled model with the small tuned files of
+    benchmarks/tune_demo.py (slimvlm/demo/tuned.py); none when they are not installed."""
+    from . import tuned
+
+    if not tuned.tuned_available():
+        return []
+    processor.set_compression(tuned.COMPRESSION)
+    rows = []
+    for label, variant in (("visionzip‡ 64 (projector tuned)", tuned.with_projector),
+                           ("visionzip 64 + lora (tuned)", tuned.with_lora)):
+        answers, kv = answer_llava(variant(model), processor, samples, prompt_builder)
+        rows.append(DemoRow(label, "64", kv, _accuracy(samples, answers), answers))
+    return rows
+
+
 @torch.no_grad()
 def run_voco(voco_model, voco_processor, samples) -> DemoRow:
     """The VoCo companion answering from its cached VoCo K/V (two-stage inference)."""
@@ -180,6 +196,8 @@ def run_demo(model_path=None, voco_model_path=None, samples: int = 48, seed: int
 
     model, processor = load(model_path)
     rows = run_llava_settings(model, processor, items, prompt_builder)
+    if bundled:
+        rows += tuned_rows(model, processor, items, prompt_builder)
     if voco_model_path is not None:
         voco_model, voco_processor = load(voco_model_path)
         rows.append(run_voco(voco_model, voco_processor, items))
