@@ -45,6 +45,7 @@ class SlimLlavaOnevisionConfig(SlimCompressionMixin, LlavaOnevisionConfig):
 
     model_type = "slim_llava_onevision"
     takes_videos = ONEVISION_VIDEO_SPLIT
+    unsupported_methods = ("cdpruner", "divprune")  # not wired for SigLIP views yet
     compression: dict | None = None
     voco_token_id: int | None = None
 

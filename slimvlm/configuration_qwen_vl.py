@@ -30,19 +30,7 @@ class QwenConfigMixin(SlimCompressionMixin):
     """Compression on the Qwen-VL configs: VisionZip counts are ratios; methods this family cannot run yet raise."""
 
     visionzip_ratios = True
-    # Methods not implemented for this family (their layout is specified but not built yet).
-    unsupported_methods = ()
-
-    def __setattr__(self, name, value):
-        super().__setattr__(name, value)
-        if name == "compression" and self.compression["method"] in self.unsupported_methods:
-            method = self.compression["method"]
-            self.__dict__["compression"] = {"method": "none"}
-            raise ValueError(
-                f"compression method {method!r} is not available for {type(self).__name__} yet "
-                "(specs/modern_families.md §6 is not implemented for it); use one of "
-                f"{[m for m in ('none', 'visionzip', 'sparsevlm') if m not in self.unsupported_methods]}"
-            )
+    unsupported_methods = ("cdpruner", "divprune")
 
 
 class SlimQwen2_5_VLConfig(QwenConfigMixin, Qwen2_5_VLConfig):
@@ -61,7 +49,7 @@ class SlimQwen3VLConfig(QwenConfigMixin, Qwen3VLConfig):
     """
 
     model_type = "slim_qwen3_vl"
-    unsupported_methods = ("voco",)
+    unsupported_methods = ("voco", "cdpruner", "divprune")
     compression: dict | None = None
     voco_token_id: int | None = None
 

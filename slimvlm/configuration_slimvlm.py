@@ -456,6 +456,8 @@ class SlimCompressionMixin:
 
     # Whether VisionZip counts are ratios of each image's tokens (variable-size families).
     visionzip_ratios = False
+    # Methods the family does not run (yet): setting one raises instead of silently running the stock model.
+    unsupported_methods: tuple[str, ...] = ()
 
     def _compression_options(self) -> dict:
         return {"video": self.takes_videos, "default_scope": self.pruner_default_scope,
@@ -480,6 +482,10 @@ class SlimCompressionMixin:
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "compression":
             value = normalize_compression(value, *self._compression_bounds(), **self._compression_options())
+            if value["method"] in self.unsupported_methods:
+                supported = [method for method in METHODS if method not in self.unsupported_methods]
+                raise ValueError(f"compression method {value['method']!r} is not available for {type(self).__name__} "
+                                 f"yet; use one of {supported}")
         elif name == "vision_feature_layer" and self.__dict__.get("compression") is not None:
             # A multi-layer feature list is refused under VisionZip whichever of the two is set last.
             normalize_compression(self.__dict__["compression"], *self._compression_bounds()[:2], value,

@@ -218,3 +218,24 @@ def test_set_compression_on_processor_validates(tmp_path):
         processor.set_compression({"method": "visionzip", "dominant": 570, "contextual": 8})
     with pytest.raises(ValueError):
         SlimLlavaProcessor.from_pretrained(tmp_path, compression={"method": "visionzip", "dominant": 54})
+
+
+@pytest.mark.parametrize("config_class, refused", [
+    ("SlimLlavaOnevisionConfig", ("cdpruner", "divprune")),
+    ("SlimQwen2_5_VLConfig", ("cdpruner", "divprune")),
+    ("SlimQwen3VLConfig", ("voco", "cdpruner", "divprune")),
+])
+def test_a_family_refuses_the_methods_it_does_not_run_yet(config_class, refused):
+    """A method a family has not wired must raise, never run the stock model under a compressed name."""
+    import slimvlm
+
+    settings = {"voco": {"method": "voco", "num_voco_tokens": 1}, "divprune": {"method": "divprune", "tokens": 8},
+                "cdpruner": {"method": "cdpruner", "tokens": 8, "relevance": "llm_embeddings"}}
+    config = getattr(slimvlm, config_class)(compression={"method": "sparsevlm", "version": "1.5", "retained_tokens": 64})
+    for method in refused:
+        with pytest.raises(ValueError, match=rf"compression method '{method}' is not available for {config_class} yet; "
+                                             r"use one of \['none', 'visionzip', 'sparsevlm'"):
+            config.compression = settings[method]
+        assert config.compression["method"] == "sparsevlm"  # unchanged
+        with pytest.raises(ValueError, match="is not available"):
+            getattr(slimvlm, config_class)(compression=settings[method])
