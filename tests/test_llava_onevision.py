@@ -649,3 +649,22 @@ def test_what_transformers_own_onevision_tests_check_holds_for_the_slim_classes(
         with torch.no_grad():
             logits = model(**half).logits
         assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+
+
+def test_projector_and_newline_export_and_import_bit_exact(tmp_path):
+    from slimvlm.conversion.projector import export_projector, import_projector, read_projector
+
+    slim_ov(VZ, seed=0).save_pretrained(tmp_path / "tuned")
+    torch.manual_seed(1)
+    LlavaOnevisionForConditionalGeneration(tiny_onevision_config()).save_pretrained(tmp_path / "base")  # llava-hf layout
+    file = export_projector(tmp_path / "tuned", tmp_path / "projector")
+    tuned = read_projector(tmp_path / "tuned")
+    assert {"image_newline", "multi_modal_projector.linear_1.weight"} <= set(tuned)
+    out = import_projector(tmp_path / "base", file, tmp_path / "imported")
+    imported = read_projector(out)
+    assert imported.keys() == tuned.keys() and all(torch.equal(imported[k], tuned[k]) for k in tuned)
+    model = SlimLlavaOnevisionForConditionalGeneration.from_pretrained(out).state_dict()
+    base = SlimLlavaOnevisionForConditionalGeneration.from_pretrained(tmp_path / "base").state_dict()
+    assert all(torch.equal(model[k], base[k]) for k in model if "multi_modal_projector" not in k and "image_newline" not in k)
+    assert torch.equal(model["model.image_newline"], tuned["image_newline"])
+    assert not torch.equal(base["model.image_newline"], tuned["image_newline"])  # the import changed something

@@ -29,7 +29,8 @@ PARTS = ("multi_modal_projector.", "image_newline", "patch_mining.")
 ORIGINAL_NAMES = {"model.mm_projector.0.": "multi_modal_projector.linear_1.",
                   "model.mm_projector.2.": "multi_modal_projector.linear_2.", "model.image_newline": "image_newline"}
 FAMILIES = {"llava": "llava", "slim_llava": "llava", "llava_next": "llava-next", "slim_llava_next": "llava-next",
-            "slim_mini_gemini": "mini-gemini"}
+            "slim_mini_gemini": "mini-gemini", "llava_onevision": "llava-onevision",
+            "slim_llava_onevision": "llava-onevision"}
 
 
 def _weight_files(folder: Path) -> list[Path]:
