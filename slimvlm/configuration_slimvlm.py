@@ -464,6 +464,13 @@ class SlimCompressionMixin:
                 "relevance_encoder": self.__dict__.get("relevance_encoder_config") is not None,
                 "ratios": self.visionzip_ratios}
 
+    def _check_compression(self, compression: dict) -> None:
+        """Family rules on a normalised `compression` (before it is set): the methods it does not run yet."""
+        if compression["method"] in self.unsupported_methods:
+            supported = [method for method in METHODS if method not in self.unsupported_methods]
+            raise ValueError(f"compression method {compression['method']!r} is not available for {type(self).__name__} "
+                             f"yet; use one of {supported}")
+
     def _compression_bounds(self) -> tuple[int | None, int | None, Any]:
         vision_config = self.__dict__.get("vision_config")
         text_config = self.__dict__.get("text_config")
@@ -482,10 +489,7 @@ class SlimCompressionMixin:
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "compression":
             value = normalize_compression(value, *self._compression_bounds(), **self._compression_options())
-            if value["method"] in self.unsupported_methods:
-                supported = [method for method in METHODS if method not in self.unsupported_methods]
-                raise ValueError(f"compression method {value['method']!r} is not available for {type(self).__name__} "
-                                 f"yet; use one of {supported}")
+            self._check_compression(value)
         elif name == "vision_feature_layer" and self.__dict__.get("compression") is not None:
             # A multi-layer feature list is refused under VisionZip whichever of the two is set last.
             normalize_compression(self.__dict__["compression"], *self._compression_bounds()[:2], value,
