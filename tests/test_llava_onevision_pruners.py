@@ -1,0 +1,166 @@
+"""CDPruner and DivPrune on LLaVA-OneVision (specs/cdpruner.md, issue 21 item 5): every one of a SigLIP view's
+16 patches is a candidate (no CLS), K kept per view with one relevance min-max per image, a single image in
+LLaVA-NeXT's official per-view layout, an image of a multi-image sample as K + 1; placeholders match the model
+for every grid and image count; batch = alone, generate with cache = cache-free; the question conditions
+CDPruner's selection; what is not wired (videos, CLIP relevance, scope "image") is refused.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from builders import IMAGE_TOKEN_ID, random_video, tiny_onevision_config
+from test_cdpruner import reference_divprune, reference_dpp
+from test_llava_next import assert_batch_generates_what_each_sample_generates_alone
+from test_llava_onevision import (
+    GRIDS,
+    MULTI_PROMPT,
+    PROMPT,
+    SIDE,
+    VIDEO_PROMPT,
+    assert_multi_image_batch_generates_what_each_sample_generates_alone,
+    slim_ov,
+    slim_processor,
+)
+
+from slimvlm import SlimLlavaOnevisionConfig
+
+CDP = {"method": "cdpruner", "tokens": 5}
+DIV = {"method": "divprune", "tokens": 6}
+QUESTIONS = ["what is the color of the circle", "how many red square are there"]
+
+
+@pytest.fixture(scope="module")
+def images():
+    from builders import onevision_images
+
+    return onevision_images(GRIDS)
+
+
+def relevance_of(inputs) -> dict:
+    return {key: value for key, value in inputs.items() if key.startswith("relevance_")}
+
+
+def features_of(model, inputs):
+    with torch.no_grad():
+        return model.model.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"],
+                                              batch_num_images=inputs["batch_num_images"], **relevance_of(inputs))
+
+
+@pytest.mark.parametrize("compression", [CDP, DIV, {"method": "divprune", "ratio": 0.25}])
+def test_processor_writes_as_many_placeholders_as_the_model_produces(images, compression):
+    model = slim_ov(compression)
+    processor = slim_processor(model.config.compression)
+    k = 4 if "ratio" in compression else compression["tokens"]  # round(0.25 x 16)
+    inputs = processor(images=images, text=[PROMPT] * 4, return_tensors="pt", padding=True, instructions=QUESTIONS * 2)
+    counts = (inputs["input_ids"] == IMAGE_TOKEN_ID).sum(1).tolist()
+    assert counts == [f.shape[0] for f in features_of(model, inputs).pooler_output]
+    assert counts == [3 * k, 2 * k, 4 * k, 5 * k]  # grids 1x2, 1x1, 1x3, 2x2: (1 + gh·gw)·K
+    assert counts == [model.pruned_token_count(size) for size in inputs["image_sizes"]]
+    assert processor._get_num_multimodal_tokens(image_sizes=[[i.height, i.width] for i in images]).num_image_tokens == counts
+    for groups in ([images[:2], images[2:]], [images[:3], images[3:]]):  # multi-image samples: K + 1 per image
+        prompts = [" ".join(["<image>"] * len(group)) + " what" for group in groups]
+        inputs = processor(images=groups, text=prompts, return_tensors="pt", padding=True, instructions=QUESTIONS)
+        per_image = [f.shape[0] for f in features_of(model, inputs).pooler_output]
+        assert per_image == [5 * k if len(group) == 1 else k + 1 for group in groups for _ in group]
+        assert (inputs["input_ids"] == IMAGE_TOKEN_ID).sum(1).tolist() == [
+            sum(per_image[:len(groups[0])]), sum(per_image[len(groups[0]):])]
+    assert model.pruned_token_count() == k + 1
+
+
+def reference_image(model, views, grid, ids, k: int):
+    """One image recomputed with explicit loops: all 16 patches of each view (tower layer -1, no CLS to drop),
+    projected; CDPruner: cosine to the mean instruction embedding, ONE min-max over the image's views, the
+    float32 DPP loop per view; DivPrune: the max-min loop per view. A single image (grid) laid out as
+    [base's kept ; crops' kept patches in raster order of the global grid], an image of a multi-image sample
+    (grid None) as [base's kept ; newline]. Returns (tokens, kept sets per view)."""
+    with torch.no_grad():
+        hidden = model.model.vision_tower(views, output_hidden_states=True).hidden_states[-1]
+        full = model.model.multi_modal_projector(hidden)  # [views, 16, D]
+        assert full.shape[1] == SIDE * SIDE
+        if ids is not None:
+            mean = model.model.get_input_embeddings()(ids).mean(0)
+            rho = [[float(torch.nn.functional.cosine_similarity(full[v, n], mean, dim=0)) for n in range(full.shape[1])]
+                   for v in range(full.shape[0])]
+    if ids is not None:
+        low, high = min(min(row) for row in rho), max(max(row) for row in rho)
+        weights = [torch.tensor([(value - low + 1e-6) / (high - low) for value in row]) for row in rho]
+        kept = [sorted(reference_dpp(full[v].numpy(), weights[v].numpy(), k)) for v in range(full.shape[0])]
+    else:
+        kept = [sorted(reference_divprune(full[v].numpy(), k)) for v in range(full.shape[0])]
+    rows = [full[0][p] for p in kept[0]]
+    if grid is None:
+        return torch.stack(rows + [model.model.image_newline.detach()]), kept
+    placed = {}
+    for crop in range(grid[0] * grid[1]):
+        for p in kept[1 + crop]:
+            row, column = (crop // grid[1]) * SIDE + p // SIDE, (crop % grid[1]) * SIDE + p % SIDE
+            placed[(row, column)] = full[1 + crop][p]
+    rows += [placed[key] for key in sorted(placed)]
+    return torch.stack(rows), kept
+
+
+@pytest.mark.parametrize("compression", [CDP, DIV])
+def test_kept_sets_and_layout_equal_the_explicit_loop_recomputation(images, compression):
+    model = slim_ov(compression, attn="eager")
+    processor = slim_processor(model.config.compression)
+    k = compression["tokens"]
+    cases = ((images, [PROMPT] * 4, QUESTIONS * 2, True), ([images[:3]], [MULTI_PROMPT + " <image>"], QUESTIONS[:1], False))
+    for sample_images, prompts, questions, single in cases:
+        inputs = processor(images=sample_images, text=prompts, return_tensors="pt", padding=True, instructions=questions)
+        output = features_of(model, inputs)
+        view = 0
+        for b, features in enumerate(output.pooler_output):
+            grid = GRIDS[b] if single else None
+            count = 1 + grid[0] * grid[1] if single else 1
+            if compression["method"] == "cdpruner":
+                row = inputs["relevance_input_ids"][b]
+                ids = row[inputs["relevance_attention_mask"][b].bool()]
+            else:
+                ids = None
+            views = inputs["pixel_values"][b][:count]
+            expected, kept = reference_image(model, views, grid, ids, k)
+            assert [v.tolist() for v in output.kept_indices[view:view + count]] == kept
+            torch.testing.assert_close(features, expected, rtol=0, atol=1e-5 * float(expected.abs().max()))
+            view += count
+        assert view == len(output.kept_indices)  # padding views were never encoded
+
+
+@pytest.mark.parametrize("compression", [CDP, DIV])
+def test_left_padded_batch_generates_what_each_sample_generates_alone(images, compression):
+    model = slim_ov(compression)
+    processor = slim_processor(model.config.compression)
+    prompts = [PROMPT, "USER: <image>\n what ASSISTANT:", "USER: <image>\n how many red circle are there ? ASSISTANT:"]
+    assert_batch_generates_what_each_sample_generates_alone(model, processor, [images[0], images[1], images[3]], prompts)
+    assert_multi_image_batch_generates_what_each_sample_generates_alone(model, processor, images)
+
+
+def test_two_questions_select_differently_and_the_same_question_the_same(images):
+    model = slim_ov({"method": "cdpruner", "tokens": 4})
+    processor = slim_processor(model.config.compression)
+
+    def kept(question):
+        inputs = processor(images=images[3:], text=[PROMPT], return_tensors="pt", instructions=[question])
+        return torch.stack(features_of(model, inputs).kept_indices)  # [5 views, 4]
+
+    assert not torch.equal(kept(QUESTIONS[0]), kept(QUESTIONS[1]))
+    assert torch.equal(kept(QUESTIONS[0]), kept(QUESTIONS[0]))
+
+
+def test_what_is_not_wired_is_refused_with_a_message(images):
+    with pytest.raises(ValueError, match=r"'clip' is not available on LLaVA-OneVision \(SigLIP has no CLIP text tower\)"):
+        SlimLlavaOnevisionConfig(**tiny_onevision_config().to_dict(), compression={**CDP, "relevance": "clip"})
+    with pytest.raises(ValueError, match="'clip' is not available on LLaVA-OneVision"):
+        slim_processor({**CDP, "relevance": "clip"})
+    with pytest.raises(ValueError, match=r"scope'\] = 'image' for 'divprune' is not available on LLaVA-OneVision"):
+        SlimLlavaOnevisionConfig(**tiny_onevision_config().to_dict(), compression={**DIV, "scope": "image"})
+    model = slim_ov(DIV)
+    with pytest.raises(ValueError, match="'divprune' on LLaVA-OneVision runs on images only"):
+        model.model.get_video_features(pixel_values_videos=torch.zeros(1, 2, 3, 56, 56))
+    with pytest.raises(ValueError, match="'divprune' on LLaVA-OneVision runs on images only"):
+        slim_processor(DIV)(videos=[random_video(2)], text=[VIDEO_PROMPT], return_tensors="pt")
+    with pytest.raises(ValueError, match="DivPrune on LLaVA-OneVision needs vision_feature_select_strategy='full'"):
+        model.model.get_image_features(pixel_values=torch.zeros(1, 2, 3, 56, 56), image_sizes=torch.tensor([[56, 56]]),
+                                       vision_feature_select_strategy="default")
+    with pytest.raises(ValueError, match="no relevance_input_ids"):
+        slim_ov(CDP).model.get_image_features(pixel_values=torch.zeros(1, 2, 3, 56, 56), image_sizes=torch.tensor([[56, 56]]))
