@@ -50,8 +50,12 @@ def check_onevision_pruner(compression: dict) -> None:
                          "on LLaVA-OneVision yet; use scope 'view' (K per SigLIP view)")
 
 
-def onevision_visionzip_video_tokens(compression: dict, num_frames: int) -> int:
-    """Tokens of one video under VisionZip: F·K_f + 1 (every frame compressed on its own, one newline per video)."""
+def onevision_visionzip_video_tokens(compression: dict, num_frames: int, patches: int | None = None) -> int:
+    """Tokens of one video under VisionZip, CDPruner or DivPrune: F·K_f + 1 (every frame compressed on its own,
+    one newline per video); K_f = video_dominant + video_contextual (VisionZip), or the K (round(ratio·N)) of a
+    view's N = `patches` candidates (CDPruner / DivPrune)."""
+    if compression["method"] in PRUNER_METHODS:
+        return num_frames * pruned_count(compression, patches) + 1
     return num_frames * (compression["video_dominant"] + compression["video_contextual"]) + 1
 
 
@@ -63,9 +67,9 @@ class SlimLlavaOnevisionConfig(SlimCompressionMixin, LlavaOnevisionConfig):
     (1 + 4) x 64 = 320 tokens, an image of a multi-image sample 64 + 1, and a video of F frames F x K_f + 1,
     with `video_dominant`/`video_contextual` (or `video_tokens`) per frame, default 54/10.
 
-    CDPruner / DivPrune (images only; scope "view", CDPruner with relevance "llm_embeddings"): K of each view's
+    CDPruner / DivPrune (scope "view", CDPruner with relevance "llm_embeddings"): K of each view's or frame's
     729 patches (every patch is a candidate), laid out as VisionZip's counts: (1 + gh·gw)·K per single image,
-    K + 1 per image of a multi-image sample. Videos are refused under them.
+    K + 1 per image of a multi-image sample, F·K + 1 per video (instead of the pooling).
     """
 
     model_type = "slim_llava_onevision"

@@ -19,7 +19,8 @@ every family (`modeling_slimvlm.py`); this module says how OneVision's images an
   K kept per view with one relevance min-max per image (CDPruner, relevance "llm_embeddings": SigLIP has no
   CLIP text tower). A single image becomes (1 + gh·gw)·K tokens in LLaVA-NeXT's official per-view layout
   (`anyres_pruned_layout`: base, then the crops' kept patches in raster order of the global grid), an image
-  of a multi-image sample K + 1 (its base view's K and the newline). Videos are refused under them.
+  of a multi-image sample K + 1 (its base view's K and the newline), a video F·K + 1 (K of each frame's 729
+  patches instead of the pooling, one min-max per video, then the newline).
 """
 
 from __future__ import annotations
@@ -145,26 +146,33 @@ class SlimLlavaOnevisionModel(AnyresMixin, SlimModelMixin, LlavaOnevisionModel):
         pixel_values_videos: torch.Tensor,
         vision_feature_layer: int | list[int] | None = None,
         vision_feature_select_strategy: str | None = None,
+        relevance_video_input_ids: torch.Tensor | None = None,
+        relevance_video_attention_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> SlimImageFeaturesOutput | BaseModelOutputWithPooling | tuple:
         """Projected video features [videos, F·K + 1, D] (`pooler_output`): stock K = 196 pooled tokens per frame;
         under VisionZip every frame compressed on its own to K_f = video_dominant + video_contextual tokens
-        instead of pooled, frames in temporal order, then one newline per video. CDPruner / DivPrune do not run
-        on videos yet (ValueError)."""
+        instead of pooled, frames in temporal order, then one newline per video. CDPruner / DivPrune: K of each
+        frame's patches instead of the pooling (all candidates; CDPruner: one min-max per video, the relevance
+        inputs have one row per video), F·K + 1."""
         method = self.config.compression["method"]
-        if method in ("cdpruner", "divprune"):
-            raise ValueError(f"compression method {method!r} on LLaVA-OneVision runs on images only (videos are not "
-                             "wired yet); use 'none', 'visionzip', 'sparsevlm' or 'voco' for videos")
-        if method != "visionzip":
+        if method not in VISION_SIDE_METHODS:
             return super().get_video_features(pixel_values_videos, vision_feature_layer=vision_feature_layer,
                                               vision_feature_select_strategy=vision_feature_select_strategy,
                                               return_dict=True, **kwargs)
         if pixel_values_videos.dim() != 5:
             raise ValueError(f"pixel_values_videos must be [videos, frames, 3, H, W], got {tuple(pixel_values_videos.shape)}")
-        split = self._visionzip_split(vision_feature_select_strategy, "video_")
-        videos = pixel_values_videos.shape[0]
-        views = self._compress_views(pixel_values_videos.flatten(0, 1), vision_feature_layer, split=split, cls=False,
-                                     **kwargs)
+        videos, frames = pixel_values_videos.shape[:2]
+        if method == "visionzip":
+            split = self._visionzip_split(vision_feature_select_strategy, "video_")
+            views = self._compress_views(pixel_values_videos.flatten(0, 1), vision_feature_layer, split=split, cls=False,
+                                         **kwargs)
+        else:
+            self._require_full_strategy(vision_feature_select_strategy)
+            groups = [list(range(video * frames, (video + 1) * frames)) for video in range(videos)]
+            views = self._compress_views(pixel_values_videos.flatten(0, 1), vision_feature_layer, groups=groups,
+                                         select_strategy="full", relevance_input_ids=relevance_video_input_ids,
+                                         relevance_attention_mask=relevance_video_attention_mask, **kwargs)
         projected = views.projected.reshape(videos, -1, views.projected.shape[-1])  # [videos, frames·K_f, D]
         newline = self.image_newline[None, None].expand(videos, 1, -1).to(projected)
         output = self._vision_output(views, [])
@@ -201,7 +209,7 @@ class SlimLlavaOnevisionForConditionalGeneration(SlimGenerationMixin, LlavaOnevi
         if compression["method"] in ("cdpruner", "divprune"):
             per_view = compression.get("tokens") or f"round({compression['ratio']} x patches)"
             return (f"(1 + anyres crops) x {per_view} per single image, {per_view} + 1 per image of a multi-image "
-                    "sample (videos refused)")
+                    f"sample, {per_view} per video frame + 1")
         if compression["method"] != "visionzip":
             return ("the stock LLaVA-OneVision count (base view + unpadded crops + one newline per row, anyres_max_9; "
                     "196 per video frame + 1)")
@@ -228,9 +236,10 @@ class SlimLlavaOnevisionForConditionalGeneration(SlimGenerationMixin, LlavaOnevi
 
     def video_token_count(self, num_frames: int) -> int:
         """Tokens a video of `num_frames` frames becomes (VoCo groups excluded): F·196 + 1 stock (384-px frames),
-        F·K_f + 1 under VisionZip."""
-        if self.config.compression["method"] == "visionzip":
-            return onevision_visionzip_video_tokens(self.config.compression, num_frames)
+        F·K_f + 1 under VisionZip, F·K + 1 under CDPruner / DivPrune."""
+        if self.config.compression["method"] in VISION_SIDE_METHODS:
+            return onevision_visionzip_video_tokens(self.config.compression, num_frames,
+                                                    onevision_patches_per_view(self.config.vision_config))
         side = -(-(self.config.vision_config.image_size // self.config.vision_config.patch_size) // 2)
         return num_frames * side * side + 1
 

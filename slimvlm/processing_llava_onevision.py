@@ -93,8 +93,8 @@ class SlimLlavaOnevisionProcessor(SlimProcessorMixin, LlavaOnevisionProcessor):
 
     Under VisionZip (K = dominant + contextual per SigLIP view, K_f = video_dominant + video_contextual per frame):
     a single image becomes (1 + gh·gw)·K tokens, an image of a multi-image sample K + 1, a video of F frames
-    F·K_f + 1. CDPruner / DivPrune (images only): K of each view's patches, so (1 + gh·gw)·K and K + 1 as well,
-    plus the instruction's `relevance_input_ids` under CDPruner. Other methods keep the stock counts; under VoCo every image or video block is followed by its
+    F·K_f + 1. CDPruner / DivPrune: K of each view's (frame's) patches, so (1 + gh·gw)·K, K + 1 and F·K + 1
+    as well, plus the instruction's `relevance_input_ids` (`relevance_video_*`) under CDPruner. Other methods keep the stock counts; under VoCo every image or video block is followed by its
     group of `<voco>` tokens.
     """
 
@@ -156,10 +156,6 @@ class SlimLlavaOnevisionProcessor(SlimProcessorMixin, LlavaOnevisionProcessor):
     def _vision_side(self) -> bool:
         return self.compression["method"] in ("visionzip", "cdpruner", "divprune")
 
-    def _refuse_pruned_videos(self) -> None:
-        if self.compression["method"] in ("cdpruner", "divprune"):
-            raise ValueError(f"compression method {self.compression['method']!r} on LLaVA-OneVision runs on images only "
-                             "(videos are not wired yet); use 'none', 'visionzip', 'sparsevlm' or 'voco' for videos")
 
     def _grid(self, orig_height: int, orig_width: int, height: int, width: int) -> tuple[int, int]:
         best_height, best_width = select_best_resolution([orig_height, orig_width], self.image_processor.image_grid_pinpoints)
@@ -186,18 +182,15 @@ class SlimLlavaOnevisionProcessor(SlimProcessorMixin, LlavaOnevisionProcessor):
         return True
 
     def replace_video_token(self, video_inputs: dict, video_idx: int, **kwargs) -> str:
-        self._refuse_pruned_videos()
-        if self.compression["method"] == "visionzip":
+        if self._vision_side():
             frames = video_inputs["pixel_values_videos"][video_idx].shape[0]
-            return self.video_token * onevision_visionzip_video_tokens(self.compression, frames)
+            return self.video_token * onevision_visionzip_video_tokens(self.compression, frames, self.num_image_tokens)
         return self._with_voco_group(super().replace_video_token(video_inputs, video_idx, **kwargs))
 
     def _get_num_multimodal_tokens(self, image_sizes=None, video_sizes=None, **kwargs):
-        if video_sizes is not None:
-            self._refuse_pruned_videos()
         data = super()._get_num_multimodal_tokens(image_sizes=image_sizes, video_sizes=video_sizes, **kwargs)
-        if self.compression["method"] == "visionzip" and video_sizes is not None:
-            data.num_video_tokens = [onevision_visionzip_video_tokens(self.compression, frames)
+        if self._vision_side() and video_sizes is not None:
+            data.num_video_tokens = [onevision_visionzip_video_tokens(self.compression, frames, self.num_image_tokens)
                                      for frames, _, _ in video_sizes]
         return data
 

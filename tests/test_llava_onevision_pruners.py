@@ -1,15 +1,16 @@
 """CDPruner and DivPrune on LLaVA-OneVision (specs/cdpruner.md, issue 21 item 5): every one of a SigLIP view's
 16 patches is a candidate (no CLS), K kept per view with one relevance min-max per image, a single image in
-LLaVA-NeXT's official per-view layout, an image of a multi-image sample as K + 1; placeholders match the model
-for every grid and image count; batch = alone, generate with cache = cache-free; the question conditions
-CDPruner's selection; what is not wired (videos, CLIP relevance, scope "image") is refused.
+LLaVA-NeXT's official per-view layout, an image of a multi-image sample as K + 1, a video as K per frame (one
+min-max per video) + 1; placeholders match the model for every grid, image count and video length; batch =
+alone, generate with cache = cache-free; the question conditions CDPruner's selection; what is not wired (CLIP
+relevance, scope "image") is refused.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from builders import IMAGE_TOKEN_ID, random_video, tiny_onevision_config
+from builders import IMAGE_TOKEN_ID, random_video, tiny_onevision_config, video_token_id
 from test_cdpruner import reference_divprune, reference_dpp
 from test_llava_next import assert_batch_generates_what_each_sample_generates_alone
 from test_llava_onevision import (
@@ -22,11 +23,13 @@ from test_llava_onevision import (
     slim_ov,
     slim_processor,
 )
+from test_remote_code import check_remote_round_trip
 
 from slimvlm import SlimLlavaOnevisionConfig
 
 CDP = {"method": "cdpruner", "tokens": 5}
 DIV = {"method": "divprune", "tokens": 6}
+VIDEO_ID = video_token_id()
 QUESTIONS = ["what is the color of the circle", "how many red square are there"]
 
 
@@ -66,14 +69,22 @@ def test_processor_writes_as_many_placeholders_as_the_model_produces(images, com
         assert (inputs["input_ids"] == IMAGE_TOKEN_ID).sum(1).tolist() == [
             sum(per_image[:len(groups[0])]), sum(per_image[len(groups[0]):])]
     assert model.pruned_token_count() == k + 1
+    for frames in (1, 3, 8):  # videos: F·K + 1 instead of the pooled F·4 + 1
+        inputs = processor(videos=[random_video(frames)], text=[VIDEO_PROMPT], return_tensors="pt", instructions=QUESTIONS[:1])
+        with torch.no_grad():
+            features = model.model.get_video_features(pixel_values_videos=inputs["pixel_values_videos"],
+                                                      **{key: value for key, value in relevance_of(inputs).items()
+                                                         if "video" in key})
+        count = int((inputs["input_ids"] == VIDEO_ID).sum())
+        assert count == features.pooler_output.shape[1] == model.video_token_count(frames) == frames * k + 1
+        assert processor._get_num_multimodal_tokens(video_sizes=[(frames, 56, 56)]).num_video_tokens == [count]
 
 
-def reference_image(model, views, grid, ids, k: int):
-    """One image recomputed with explicit loops: all 16 patches of each view (tower layer -1, no CLS to drop),
-    projected; CDPruner: cosine to the mean instruction embedding, ONE min-max over the image's views, the
-    float32 DPP loop per view; DivPrune: the max-min loop per view. A single image (grid) laid out as
-    [base's kept ; crops' kept patches in raster order of the global grid], an image of a multi-image sample
-    (grid None) as [base's kept ; newline]. Returns (tokens, kept sets per view)."""
+def reference_views(model, views, ids, k: int):
+    """An image's views (a video's frames) recomputed with explicit loops: all 16 patches of each view (tower
+    layer -1, no CLS to drop), projected; CDPruner (`ids`: the instruction): cosine to the mean instruction
+    embedding, ONE min-max over all the views, the float32 DPP loop per view; DivPrune: the max-min loop per
+    view. Returns (projected [views, 16, D], kept patches per view, ascending)."""
     with torch.no_grad():
         hidden = model.model.vision_tower(views, output_hidden_states=True).hidden_states[-1]
         full = model.model.multi_modal_projector(hidden)  # [views, 16, D]
@@ -88,6 +99,13 @@ def reference_image(model, views, grid, ids, k: int):
         kept = [sorted(reference_dpp(full[v].numpy(), weights[v].numpy(), k)) for v in range(full.shape[0])]
     else:
         kept = [sorted(reference_divprune(full[v].numpy(), k)) for v in range(full.shape[0])]
+    return full, kept
+
+
+def reference_image(model, views, grid, ids, k: int):
+    """A single image (grid) laid out in a loop as [base's kept ; crops' kept patches in raster order of the
+    global grid], an image of a multi-image sample (grid None) as [base's kept ; newline]."""
+    full, kept = reference_views(model, views, ids, k)
     rows = [full[0][p] for p in kept[0]]
     if grid is None:
         return torch.stack(rows + [model.model.image_newline.detach()]), kept
@@ -127,11 +145,33 @@ def test_kept_sets_and_layout_equal_the_explicit_loop_recomputation(images, comp
 
 
 @pytest.mark.parametrize("compression", [CDP, DIV])
+def test_video_frames_equal_the_explicit_loop_recomputation(compression):
+    model = slim_ov(compression, attn="eager")
+    videos = [random_video(3, 30, 40, seed=1), random_video(3, 40, 30, seed=2)]
+    inputs = slim_processor(model.config.compression)(videos=videos, text=[VIDEO_PROMPT] * 2, return_tensors="pt",
+                                                      padding=True, instructions=QUESTIONS)
+    with torch.no_grad():
+        output = model.model.get_video_features(pixel_values_videos=inputs["pixel_values_videos"],
+                                                relevance_video_input_ids=inputs.get("relevance_video_input_ids"),
+                                                relevance_video_attention_mask=inputs.get("relevance_video_attention_mask"))
+    for v in range(2):
+        ids = None
+        if compression["method"] == "cdpruner":
+            ids = inputs["relevance_video_input_ids"][v][inputs["relevance_video_attention_mask"][v].bool()]
+        full, kept = reference_views(model, inputs["pixel_values_videos"][v], ids, compression["tokens"])
+        expected = torch.stack([full[t][p] for t in range(3) for p in kept[t]] + [model.model.image_newline.detach()])
+        assert [row.tolist() for row in output.kept_indices[3 * v:3 * v + 3]] == kept
+        torch.testing.assert_close(output.pooler_output[v], expected, rtol=0, atol=1e-5 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("compression", [CDP, DIV])
 def test_left_padded_batch_generates_what_each_sample_generates_alone(images, compression):
     model = slim_ov(compression)
     processor = slim_processor(model.config.compression)
-    prompts = [PROMPT, "USER: <image>\n what ASSISTANT:", "USER: <image>\n how many red circle are there ? ASSISTANT:"]
-    assert_batch_generates_what_each_sample_generates_alone(model, processor, [images[0], images[1], images[3]], prompts)
+    prompts = [PROMPT, "USER: <image>\n what ASSISTANT:", "USER: <image>\n how many red circle are there ? ASSISTANT:",
+               VIDEO_PROMPT]
+    assert_batch_generates_what_each_sample_generates_alone(model, processor, [images[0], images[1], images[3], None],
+                                                            prompts, videos=[None, None, None, random_video(3, seed=4)])
     assert_multi_image_batch_generates_what_each_sample_generates_alone(model, processor, images)
 
 
@@ -155,12 +195,24 @@ def test_what_is_not_wired_is_refused_with_a_message(images):
     with pytest.raises(ValueError, match=r"scope'\] = 'image' for 'divprune' is not available on LLaVA-OneVision"):
         SlimLlavaOnevisionConfig(**tiny_onevision_config().to_dict(), compression={**DIV, "scope": "image"})
     model = slim_ov(DIV)
-    with pytest.raises(ValueError, match="'divprune' on LLaVA-OneVision runs on images only"):
-        model.model.get_video_features(pixel_values_videos=torch.zeros(1, 2, 3, 56, 56))
-    with pytest.raises(ValueError, match="'divprune' on LLaVA-OneVision runs on images only"):
-        slim_processor(DIV)(videos=[random_video(2)], text=[VIDEO_PROMPT], return_tensors="pt")
     with pytest.raises(ValueError, match="DivPrune on LLaVA-OneVision needs vision_feature_select_strategy='full'"):
         model.model.get_image_features(pixel_values=torch.zeros(1, 2, 3, 56, 56), image_sizes=torch.tensor([[56, 56]]),
                                        vision_feature_select_strategy="default")
+    with pytest.raises(ValueError, match="DivPrune on LLaVA-OneVision needs vision_feature_select_strategy='full'"):
+        model.model.get_video_features(pixel_values_videos=torch.zeros(1, 2, 3, 56, 56), vision_feature_select_strategy="default")
     with pytest.raises(ValueError, match="no relevance_input_ids"):
         slim_ov(CDP).model.get_image_features(pixel_values=torch.zeros(1, 2, 3, 56, 56), image_sizes=torch.tensor([[56, 56]]))
+
+
+def test_remote_code_round_trip_under_cdpruner(tmp_path, images):
+    """Saved with CDPruner, reloaded with trust_remote_code in a process without slimvlm and offline: the same
+    compression, logits and greedy tokens (the prompt is the instruction on both sides)."""
+    model = slim_ov({"method": "cdpruner", "tokens": 4})
+    processor = slim_processor(model.config.compression)
+    images[3].save(tmp_path / "image.png")
+    inputs = processor(images=[images[3]], text=[PROMPT], return_tensors="pt")
+    assert "relevance_input_ids" in inputs
+    result = check_remote_round_trip(model, processor, inputs, {"image": str(tmp_path / "image.png")}, PROMPT, tmp_path,
+                                     "modeling_llava_onevision.SlimLlavaOnevisionForConditionalGeneration",
+                                     "processing_llava_onevision.SlimLlavaOnevisionProcessor")
+    assert result["compression"]["method"] == "cdpruner"
