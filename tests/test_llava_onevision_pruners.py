@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from builders import IMAGE_TOKEN_ID, random_video, tiny_onevision_config, video_token_id
+from builders import IMAGE_TOKEN_ID, load_quantized, random_video, tiny_onevision_config, video_token_id
 from test_cdpruner import reference_divprune, reference_dpp
 from test_llava_next import assert_batch_generates_what_each_sample_generates_alone
 from test_llava_onevision import (
@@ -25,7 +25,7 @@ from test_llava_onevision import (
 )
 from test_remote_code import check_remote_round_trip
 
-from slimvlm import SlimLlavaOnevisionConfig
+from slimvlm import SlimLlavaOnevisionConfig, SlimLlavaOnevisionForConditionalGeneration
 
 CDP = {"method": "cdpruner", "tokens": 5}
 DIV = {"method": "divprune", "tokens": 6}
@@ -118,9 +118,10 @@ def reference_image(model, views, grid, ids, k: int):
     return torch.stack(rows), kept
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("compression", [CDP, DIV])
-def test_kept_sets_and_layout_equal_the_explicit_loop_recomputation(images, compression):
-    model = slim_ov(compression, attn="eager")
+def test_kept_sets_and_layout_equal_the_explicit_loop_recomputation(images, compression, attn):
+    model = slim_ov(compression, attn=attn)
     processor = slim_processor(model.config.compression)
     k = compression["tokens"]
     cases = ((images, [PROMPT] * 4, QUESTIONS * 2, True), ([images[:3]], [MULTI_PROMPT + " <image>"], QUESTIONS[:1], False))
@@ -216,3 +217,29 @@ def test_remote_code_round_trip_under_cdpruner(tmp_path, images):
                                      "modeling_llava_onevision.SlimLlavaOnevisionForConditionalGeneration",
                                      "processing_llava_onevision.SlimLlavaOnevisionProcessor")
     assert result["compression"]["method"] == "cdpruner"
+
+
+@pytest.mark.quantization
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_model_keeps_the_vision_side_and_the_selection(tmp_path, images, bits):
+    """The LLM is quantized, the tower and projector are not, and the kept sets of an image and a video equal
+    the unquantized model's; generate runs."""
+    pytest.importorskip("bitsandbytes")
+    model = slim_ov(CDP, text_hidden=64, vision_hidden=64)  # bitsandbytes' 4-bit blocks need 64-wide rows
+    model.save_pretrained(tmp_path)
+    quantized = load_quantized(SlimLlavaOnevisionForConditionalGeneration, tmp_path, bits)
+    assert quantized.config.compression == model.config.compression
+    assert type(quantized.model.language_model.layers[0].self_attn.k_proj) is not torch.nn.Linear
+    assert type(quantized.model.multi_modal_projector.linear_1) is torch.nn.Linear
+    inputs = slim_processor(model.config.compression)(images=images[3:], videos=[random_video(2, seed=3)],
+                                                      text=[PROMPT, VIDEO_PROMPT], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        kept = [(features_of(candidate, inputs).kept_indices,
+                 candidate.model.get_video_features(pixel_values_videos=inputs["pixel_values_videos"],
+                                                    relevance_video_input_ids=inputs["relevance_video_input_ids"],
+                                                    relevance_video_attention_mask=inputs["relevance_video_attention_mask"]
+                                                    ).kept_indices) for candidate in (model, quantized)]
+        tokens = quantized.generate(**inputs, max_new_tokens=2, do_sample=False)
+    assert len(kept[0][0]) == 5 and len(kept[0][1]) == 2
+    assert all(torch.equal(a, b) for a, b in zip(kept[0][0] + kept[0][1], kept[1][0] + kept[1][1]))
+    assert tokens.shape[0] == 2
