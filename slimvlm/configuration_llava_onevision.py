@@ -79,7 +79,7 @@ class SlimLlavaOnevisionConfig(SlimCompressionMixin, LlavaOnevisionConfig):
 
     def _compression_options(self) -> dict:
         # No CLIP relevance encoder on SigLIP: "clip" is refused by `check_onevision_pruner`, with its own message.
-        return {**super()._compression_options(), "relevance_encoder": None}
+        return {**super()._compression_options(), "relevance_encoder": None, "view_has_cls": False}
 
     def _check_compression(self, compression: dict) -> None:
         super()._check_compression(compression)

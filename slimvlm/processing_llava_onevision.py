@@ -20,6 +20,7 @@ from .configuration_llava_onevision import (
     onevision_visionzip_image_tokens,
     onevision_visionzip_video_tokens,
 )
+from .configuration_slimvlm import normalize_compression
 from .processing_slimvlm import SlimProcessorMixin
 from .voco import voco_group_text
 
@@ -146,7 +147,9 @@ class SlimLlavaOnevisionProcessor(SlimProcessorMixin, LlavaOnevisionProcessor):
 
     def set_compression(self, compression: dict | None):
         """Switch compression (must match the model's); returns self. CDPruner / DivPrune: as the config refuses."""
-        super().set_compression(compression)
+        self.compression = normalize_compression(compression, self._tokens_per_view(), video=self.takes_videos,
+                                                 default_scope=self.pruner_default_scope, relevance_encoder=None,
+                                                 view_has_cls=False)  # SigLIP: every patch is a candidate
         check_onevision_pruner(self.compression)
         return self
 

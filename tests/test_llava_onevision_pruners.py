@@ -188,7 +188,14 @@ def test_two_questions_select_differently_and_the_same_question_the_same(images)
     assert torch.equal(kept(QUESTIONS[0]), kept(QUESTIONS[0]))
 
 
-def test_what_is_not_wired_is_refused_with_a_message(images):
+def test_every_patch_bounds_the_count_and_what_is_not_wired_is_refused_with_a_message(images):
+    for compression in ({"method": "divprune", "tokens": 16}, {"method": "cdpruner", "tokens": 16}):  # all 16 patches
+        assert SlimLlavaOnevisionConfig(**tiny_onevision_config().to_dict(), compression=compression).compression["tokens"] == 16
+        assert slim_processor(compression).compression["tokens"] == 16
+        with pytest.raises(ValueError, match="exceeds the 16 patch tokens"):
+            SlimLlavaOnevisionConfig(**tiny_onevision_config().to_dict(), compression={**compression, "tokens": 17})
+        with pytest.raises(ValueError, match="exceeds the 16 patch tokens"):
+            slim_processor({**compression, "tokens": 17})
     with pytest.raises(ValueError, match=r"'clip' is not available on LLaVA-OneVision \(SigLIP has no CLIP text tower\)"):
         SlimLlavaOnevisionConfig(**tiny_onevision_config().to_dict(), compression={**CDP, "relevance": "clip"})
     with pytest.raises(ValueError, match="'clip' is not available on LLaVA-OneVision"):
