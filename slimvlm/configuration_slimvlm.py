@@ -270,7 +270,7 @@ def _normalize_sparsevlm(compression: dict, num_layers: int | None) -> dict:
 
 
 def _normalize_pruner(compression: dict, tokens_per_view: int | None, vision_feature_layer, default_scope: str,
-                      relevance_encoder: bool | None) -> dict:
+                      relevance_encoder: bool | None, view_has_cls: bool = True) -> dict:
     """CDPruner / DivPrune (specs/cdpruner.md §11): `tokens` (or DivPrune's `ratio`), `scope`; CDPruner also
     `theta` and `relevance` ("clip" needs the relevance encoder stored in the checkpoint)."""
     method = compression["method"]
@@ -289,7 +289,7 @@ def _normalize_pruner(compression: dict, tokens_per_view: int | None, vision_fea
         if "tokens" not in compression:
             raise ValueError(f"compression for {method!r} is missing 'tokens' (kept tokens per view, e.g. 64); got {compression}")
         tokens = _require_int(method, "tokens", compression["tokens"])
-        candidates = None if tokens_per_view is None else tokens_per_view - 1
+        candidates = None if tokens_per_view is None else tokens_per_view - (1 if view_has_cls else 0)
         if candidates is not None and tokens > candidates:
             raise ValueError(f"compression['tokens'] = {tokens} for {method!r} exceeds the {candidates} patch tokens "
                              "a view of this vision tower has")
@@ -386,6 +386,7 @@ def normalize_compression(
     default_scope: str = "view",
     relevance_encoder: bool | None = False,
     ratios: bool = False,
+    view_has_cls: bool = True,
 ) -> dict:
     """Validate a compression dict and return its canonical form (a new dict).
 
@@ -400,6 +401,8 @@ def normalize_compression(
         relevance_encoder: the checkpoint holds CDPruner's CLIP relevance encoder (then `relevance` defaults to "clip");
             None: unknown (processors), "clip" is then allowed but not the default.
         ratios: VisionZip counts are fractions of each image's tokens (Qwen-VL families; `_normalize_visionzip_ratios`).
+        view_has_cls: False when `tokens_per_view` counts patches only (SigLIP): then every one is a CDPruner /
+            DivPrune candidate (with CLS, `tokens` is bounded by the patches, tokens_per_view - 1).
     """
     if compression is None:
         return {"method": "none"}
@@ -418,7 +421,8 @@ def normalize_compression(
     if method == "sparsevlm":
         return _normalize_sparsevlm(compression, num_text_layers)
     if method in PRUNER_METHODS:
-        return _normalize_pruner(compression, tokens_per_view, vision_feature_layer, default_scope, relevance_encoder)
+        return _normalize_pruner(compression, tokens_per_view, vision_feature_layer, default_scope, relevance_encoder,
+                                 view_has_cls)
     return _normalize_voco(compression)
 
 
@@ -464,6 +468,13 @@ class SlimCompressionMixin:
                 "relevance_encoder": self.__dict__.get("relevance_encoder_config") is not None,
                 "ratios": self.visionzip_ratios}
 
+    def _check_compression(self, compression: dict) -> None:
+        """Family rules on a normalised `compression` (before it is set): the methods it does not run yet."""
+        if compression["method"] in self.unsupported_methods:
+            supported = [method for method in METHODS if method not in self.unsupported_methods]
+            raise ValueError(f"compression method {compression['method']!r} is not available for {type(self).__name__} "
+                             f"yet; use one of {supported}")
+
     def _compression_bounds(self) -> tuple[int | None, int | None, Any]:
         vision_config = self.__dict__.get("vision_config")
         text_config = self.__dict__.get("text_config")
@@ -482,10 +493,7 @@ class SlimCompressionMixin:
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "compression":
             value = normalize_compression(value, *self._compression_bounds(), **self._compression_options())
-            if value["method"] in self.unsupported_methods:
-                supported = [method for method in METHODS if method not in self.unsupported_methods]
-                raise ValueError(f"compression method {value['method']!r} is not available for {type(self).__name__} "
-                                 f"yet; use one of {supported}")
+            self._check_compression(value)
         elif name == "vision_feature_layer" and self.__dict__.get("compression") is not None:
             # A multi-layer feature list is refused under VisionZip whichever of the two is set last.
             normalize_compression(self.__dict__["compression"], *self._compression_bounds()[:2], value,

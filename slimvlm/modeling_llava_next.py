@@ -26,28 +26,12 @@ from .modeling_slimvlm import (
     SlimGenerationMixin,
     SlimImageFeaturesOutput,
     SlimModelMixin,
+    anyres_pruned_layout,
     anyres_visionzip_layout,
     flatten_views,
-    global_raster_order,
     register_legacy_weight_names,
     slim_forward,
 )
-
-
-def anyres_pruned_layout(views: torch.Tensor, kept_indices: torch.Tensor, grid: tuple[int, int], side: int) -> torch.Tensor:
-    """One image's CDPruner / DivPrune tokens (scope "view") in the official LLaVA-NeXT order (specs/cdpruner.md §5.3).
-
-    views: [1 + n, K, D] kept tokens of the base view and the n = gh·gw crops (row-major), each ascending;
-    kept_indices: [1 + n, K] their patch indices. Returns [(1 + n)·K, D]: the base's tokens, then all crops'
-    tokens in raster order of the global grid; no unpadding and no newline.
-    """
-    base, crops = views[0], views[1:]
-    if crops.shape[0] != grid[0] * grid[1]:
-        raise ValueError(f"an image with a {grid[0]}x{grid[1]} anyres grid needs {grid[0] * grid[1]} crops, got {crops.shape[0]}")
-    if crops.shape[0] == 0:
-        return base
-    order = global_raster_order(kept_indices[1:], grid, side).to(crops.device)
-    return torch.cat([base, crops.reshape(-1, crops.shape[-1])[order]])
 
 
 class SlimLlavaNextModel(AnyresMixin, SlimModelMixin, LlavaNextModel):

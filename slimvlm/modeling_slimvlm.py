@@ -189,6 +189,23 @@ def anyres_visionzip_layout(views: torch.Tensor, dominant_indices: torch.Tensor,
     return torch.cat([base, dominant_tokens, *cls_tokens, crops[:, dominant:].reshape(-1, width)])
 
 
+def anyres_pruned_layout(views: torch.Tensor, kept_indices: torch.Tensor, grid: tuple[int, int], side: int) -> torch.Tensor:
+    """One image's CDPruner / DivPrune tokens (scope "view") in the official LLaVA-NeXT order (specs/cdpruner.md §5.3),
+    shared by LLaVA-NeXT (CLIP, CLS dropped) and LLaVA-OneVision (SigLIP, every patch a candidate).
+
+    views: [1 + n, K, D] kept tokens of the base view and the n = gh·gw crops (row-major), each ascending;
+    kept_indices: [1 + n, K] their patch indices. Returns [(1 + n)·K, D]: the base's tokens, then all crops'
+    tokens in raster order of the global grid; no unpadding and no newline.
+    """
+    base, crops = views[0], views[1:]
+    if crops.shape[0] != grid[0] * grid[1]:
+        raise ValueError(f"an image with a {grid[0]}x{grid[1]} anyres grid needs {grid[0] * grid[1]} crops, got {crops.shape[0]}")
+    if crops.shape[0] == 0:
+        return base
+    order = global_raster_order(kept_indices[1:], grid, side).to(crops.device)
+    return torch.cat([base, crops.reshape(-1, crops.shape[-1])[order]])
+
+
 def global_raster_order(patches: torch.Tensor, grid: tuple[int, int], side: int) -> torch.Tensor:
     """The order that sorts the crops' kept patches [n, k] (each crop's row ascending; crops row-major) into
     raster order of the (gh·side) x (gw·side) global patch grid: a permutation of n·k."""
@@ -469,7 +486,8 @@ class SlimModelMixin(StockInitMixin):
                 continue
             encoder = getattr(self, f"get_{modality}_features")
             parameters = inspect.signature(encoder).parameters
-            extra = {key: inputs[key] for key in ("image_sizes", "vision_feature_layer", "vision_feature_select_strategy")
+            extra = {key: inputs[key] for key in ("image_sizes", "vision_feature_layer", "vision_feature_select_strategy",
+                                                 "batch_num_images", "vision_aspect_ratio")
                      if key in parameters and inputs.get(key) is not None}
             encoded[modality] = encoder(**{pixels: inputs.pop(pixels)}, **extra, return_dict=True,
                                         **{key: relevance[key] for key in keys})

@@ -16,9 +16,11 @@ from transformers.video_utils import make_batched_videos
 
 from .configuration_llava_onevision import (
     ONEVISION_VIDEO_SPLIT,
+    check_onevision_pruner,
     onevision_visionzip_image_tokens,
     onevision_visionzip_video_tokens,
 )
+from .configuration_slimvlm import normalize_compression
 from .processing_slimvlm import SlimProcessorMixin
 from .voco import voco_group_text
 
@@ -92,7 +94,8 @@ class SlimLlavaOnevisionProcessor(SlimProcessorMixin, LlavaOnevisionProcessor):
 
     Under VisionZip (K = dominant + contextual per SigLIP view, K_f = video_dominant + video_contextual per frame):
     a single image becomes (1 + gh·gw)·K tokens, an image of a multi-image sample K + 1, a video of F frames
-    F·K_f + 1. Other methods keep the stock counts; under VoCo every image or video block is followed by its
+    F·K_f + 1. CDPruner / DivPrune: K of each view's (frame's) patches, so (1 + gh·gw)·K, K + 1 and F·K + 1
+    as well, plus the instruction's `relevance_input_ids` (`relevance_video_*`) under CDPruner. Other methods keep the stock counts; under VoCo every image or video block is followed by its
     group of `<voco>` tokens.
     """
 
@@ -142,21 +145,34 @@ class SlimLlavaOnevisionProcessor(SlimProcessorMixin, LlavaOnevisionProcessor):
         """The frames' preprocessing (`OnevisionFrameProcessor` with `video_preprocessing`)."""
         return OnevisionFrameProcessor.from_settings(self.video_preprocessing or {})
 
+    def set_compression(self, compression: dict | None):
+        """Switch compression (must match the model's); returns self. CDPruner / DivPrune: as the config refuses."""
+        self.compression = normalize_compression(compression, self._tokens_per_view(), video=self.takes_videos,
+                                                 default_scope=self.pruner_default_scope, relevance_encoder=None,
+                                                 view_has_cls=False)  # SigLIP: every patch is a candidate
+        check_onevision_pruner(self.compression)
+        return self
+
     def _tokens_per_view(self) -> int | None:
         return self.num_image_tokens  # SigLIP: patches only
+
+    def _vision_side(self) -> bool:
+        return self.compression["method"] in ("visionzip", "cdpruner", "divprune")
+
 
     def _grid(self, orig_height: int, orig_width: int, height: int, width: int) -> tuple[int, int]:
         best_height, best_width = select_best_resolution([orig_height, orig_width], self.image_processor.image_grid_pinpoints)
         return best_height // height, best_width // width
 
     def _get_number_of_features(self, orig_height: int, orig_width: int, height: int, width: int) -> int:
-        if self.compression["method"] != "visionzip":
+        if not self._vision_side():
             return super()._get_number_of_features(orig_height, orig_width, height, width)
-        return onevision_visionzip_image_tokens(self.compression, self._grid(orig_height, orig_width, height, width))
+        return onevision_visionzip_image_tokens(self.compression, self._grid(orig_height, orig_width, height, width),
+                                                self.num_image_tokens)
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
-        if self.compression["method"] == "visionzip" and not self._single_image(image_inputs, image_idx):
-            return self.image_token * onevision_visionzip_image_tokens(self.compression, None)
+        if self._vision_side() and not self._single_image(image_inputs, image_idx):
+            return self.image_token * onevision_visionzip_image_tokens(self.compression, None, self.num_image_tokens)
         return self._with_voco_group(super().replace_image_token(image_inputs, image_idx, **kwargs))
 
     @staticmethod
@@ -169,15 +185,15 @@ class SlimLlavaOnevisionProcessor(SlimProcessorMixin, LlavaOnevisionProcessor):
         return True
 
     def replace_video_token(self, video_inputs: dict, video_idx: int, **kwargs) -> str:
-        if self.compression["method"] == "visionzip":
+        if self._vision_side():
             frames = video_inputs["pixel_values_videos"][video_idx].shape[0]
-            return self.video_token * onevision_visionzip_video_tokens(self.compression, frames)
+            return self.video_token * onevision_visionzip_video_tokens(self.compression, frames, self.num_image_tokens)
         return self._with_voco_group(super().replace_video_token(video_inputs, video_idx, **kwargs))
 
     def _get_num_multimodal_tokens(self, image_sizes=None, video_sizes=None, **kwargs):
         data = super()._get_num_multimodal_tokens(image_sizes=image_sizes, video_sizes=video_sizes, **kwargs)
-        if self.compression["method"] == "visionzip" and video_sizes is not None:
-            data.num_video_tokens = [onevision_visionzip_video_tokens(self.compression, frames)
+        if self._vision_side() and video_sizes is not None:
+            data.num_video_tokens = [onevision_visionzip_video_tokens(self.compression, frames, self.num_image_tokens)
                                      for frames, _, _ in video_sizes]
         return data
 

@@ -221,7 +221,6 @@ def test_set_compression_on_processor_validates(tmp_path):
 
 
 @pytest.mark.parametrize("config_class, refused", [
-    ("SlimLlavaOnevisionConfig", ("cdpruner", "divprune")),
     ("SlimQwen2_5_VLConfig", ("cdpruner", "divprune")),
     ("SlimQwen3VLConfig", ("voco", "cdpruner", "divprune")),
 ])

@@ -354,10 +354,15 @@ def test_left_padded_mixed_batch_generates_what_each_sample_generates_alone(imag
 
 
 def test_multi_image_batch_generates_what_each_sample_generates_alone(images):
-    model = slim_ov(VZ)
-    processor = slim_processor(VZ)
+    assert_multi_image_batch_generates_what_each_sample_generates_alone(slim_ov(VZ), slim_processor(VZ), images)
+
+
+def assert_multi_image_batch_generates_what_each_sample_generates_alone(model, processor, images):
+    """A left-padded batch of a two-image sample and a single image generates what each generates alone, and
+    generate() with a cache equals a cache-free greedy loop."""
     groups, prompts = [images[:2], images[2:3]], [MULTI_PROMPT, PROMPT]
     batch = processor(images=groups, text=prompts, return_tensors="pt", padding=True)
+    assert bool((batch["attention_mask"] == 0).any())
     with torch.no_grad():
         together = model.generate(**batch, **SETTINGS)[:, batch["input_ids"].shape[1]:]
         for i in range(2):
