@@ -8,7 +8,11 @@ Families (registry `FAMILIES`): LLaVA-1.5-7B (one 336-px image, 576 tokens), LLa
 grid + base view, 2,928 tokens), Video-LLaVA-7B (8 frames, 2,056 tokens), MGM-7B-HD (2x2 crops + global view,
 2,880 tokens). Settings per family: uncompressed; VisionZip at the paper budgets (192/128/64; 5-view families
 640/320/160; video 17 per frame = 136); SparseVLM at the same visual-token budgets (video: the paper's 194 equal
-tokens); VoCo-LLaMA with K=1 (per frame for video) answering from its compressed cache. Each installed
+tokens); VoCo-LLaMA with K=1 (per frame for video) answering from its compressed cache; CDPruner (relevance
+"llm_embeddings": the random models have no CLIP relevance encoder; a fixed 35-token instruction passed as
+`relevance_input_ids`, the processor-free form) and DivPrune at VisionZip's budgets, K per view (scope "view";
+--tiny: the smallest budget only). A method a family's config refuses (ValueError) is a row with "skipped"
+(the reason), never measured. Each installed
 attention implementation (sdpa; flash_attention_2 when importable). Models are built directly on the device
 in bf16 (no fp32 copy on the host first), batch 1, a 40-token prompt.
 
@@ -25,11 +29,15 @@ Measured per row (CUDA events on GPU, perf_counter on CPU; median of --repeats a
   CPU: a torch dispatch-mode tracker of every tensor storage alive, which does not see kernel-internal scratch);
 - method_step_peak_bytes (and method_step_ms): the method's own step alone, on real-shape tensors: VisionZip's
   CLS row + selection + merge over all views at layer L-2, SparseVLM's first prune step (rater rows x visual
-  columns, scores, top-k, recycling), VoCo's stage 1 (voco_compress); the "memory never worse" check compares
+  columns, scores, top-k, recycling), VoCo's stage 1 (voco_compress), CDPruner's relevance + min-max + DPP greedy
+  MAP and DivPrune's selection on the projected candidates of every view (MGM's patch mining not included; the
+  DPP / DivPrune kernels are N x N per view, N = a view's candidates); the "memory never worse" check compares
   it with the uncompressed prefill peak at the same shape and is printed per family x method;
 - speedup: uncompressed TTFT / this TTFT (same family and attention implementation, same run);
 - flop_ideal_speedup: the ratio of prefill FLOPs (benchmarks/flops.py, the FLOP model of the CPU benchmarks) at
   the depth that ran (full depth at real shapes; VoCo: the question on K cached tokens, the image not rerun);
+  CDPruner / DivPrune: the same FLOP model as VisionZip at equal visual tokens, with the full tower and every
+  candidate projected (their selection's own FLOPs not counted);
   flop_ideal_speedup_real_shapes: the same at the published shapes and full depth (equal under real shapes).
 
 --real-shape-steps: the memory check at the published widths without a 7B model in memory (each method step on
@@ -80,7 +88,15 @@ from slimvlm import (  # noqa: E402
     SlimVideoLlavaConfig,
     SlimVideoLlavaForConditionalGeneration,
 )
-from slimvlm.configuration_slimvlm import SPARSEVLM_BUDGETS, SPARSEVLM_LAYERS, SPARSEVLM_REFERENCE_TOKENS, sparsevlm_setting  # noqa: E402
+from slimvlm.cdpruner import minmax_relevance  # noqa: E402
+from slimvlm.configuration_slimvlm import (  # noqa: E402
+    SPARSEVLM_BUDGETS,
+    SPARSEVLM_LAYERS,
+    SPARSEVLM_REFERENCE_TOKENS,
+    pruned_count,
+    sparsevlm_setting,
+    views_pruned_count,
+)
 from slimvlm.sparsevlm import (  # noqa: E402
     _rater_queries,
     apply_rope,
@@ -95,6 +111,8 @@ from slimvlm.sparsevlm import (  # noqa: E402
 from slimvlm.visionzip import cls_attention_and_keys, resolve_feature_layer, visionzip_select  # noqa: E402
 
 CONFIGS = ROOT / "benchmarks" / "configs"
+METHODS = ("none", "visionzip", "sparsevlm", "voco", "cdpruner", "divprune")
+PRUNERS = ("cdpruner", "divprune")
 PROMPT_TOKENS = 40
 DTYPE = torch.bfloat16
 
@@ -144,6 +162,12 @@ class Family:
     # Per method, a replacement for the generic isolated step (run, ids, pixels) -> step(): e.g. a family whose
     # vision tower has no CLS row (Qwen, SigLIP) scores its VisionZip step differently.
     method_steps: dict = None
+    # CDPruner / DivPrune at the VisionZip budgets: pruner_tokens(total) -> K per view (per frame for video);
+    # relevance_key: the input CDPruner's instruction ids go under; pruner_strategy: the candidates of a view
+    # ("default" drops CLS, "full" keeps it, as the family's pruned path does).
+    pruner_tokens: Callable = lambda total: total
+    relevance_key: str = "relevance_input_ids"
+    pruner_strategy: str = "default"
 
 
 def _patches(vision) -> int:
@@ -204,7 +228,7 @@ FAMILIES: dict[str, Family] = {
             views=lambda model, pixels: (model.model.vision_tower, pixels["pixel_values"][0]),
             placeholder_id=lambda config: config.image_token_id,
             visionzip=lambda total: {"method": "visionzip", "tokens": total // 5},  # per view, 5 views
-            visionzip_totals=(640, 320, 160), sparsevlm_totals=(640, 320, 160),
+            visionzip_totals=(640, 320, 160), sparsevlm_totals=(640, 320, 160), pruner_tokens=lambda total: total // 5,
             # Stock NeXT projects all 5 x 576 patches before unpadding; VisionZip projects what it keeps.
             flop_layout=lambda config, compression: (
                 5, _patches(config.vision_config) + 1,
@@ -222,6 +246,8 @@ FAMILIES: dict[str, Family] = {
             visionzip=lambda total: {"method": "visionzip", "tokens": 64, "video_tokens": total // VIDEO_FRAMES},
             visionzip_split=lambda compression: (compression["video_dominant"], compression["video_contextual"]),
             visionzip_totals=(136,), sparsevlm_totals=(194,), groups=VIDEO_FRAMES,
+            pruner_tokens=lambda total: total // VIDEO_FRAMES, relevance_key="relevance_video_input_ids",
+            pruner_strategy="full",
             # The paper's 194-token Video-LLaVA setting (README): budgets 132/66/39 of 2,056 at layers 2/6/15.
             sparsevlm_settings=lambda num_layers, total, visual: {
                 "method": "sparsevlm", "version": "1.5", "layers": _sparsevlm_layers(num_layers),
@@ -240,7 +266,7 @@ FAMILIES: dict[str, Family] = {
             views=lambda model, pixels: (model.model.vision_tower, model.model.clip_views(pixels["pixel_values"])),
             placeholder_id=lambda config: config.image_token_id,
             visionzip=lambda total: {"method": "visionzip", "tokens": total // 5},  # per view, 5 views
-            visionzip_totals=(640, 320, 160), sparsevlm_totals=(640, 320, 160),
+            visionzip_totals=(640, 320, 160), sparsevlm_totals=(640, 320, 160), pruner_tokens=lambda total: total // 5,
             flop_layout=_mgm_layout, no_attention=("vision_config_aux",),
         ),
     )
@@ -266,7 +292,8 @@ def sparsevlm_for(num_layers: int, total: int, visual: int) -> dict:
     return {"method": "sparsevlm", "version": "1.5", "layers": layers, "budget_fractions": fractions}
 
 
-def settings(family: Family, num_layers: int, visual: int, quick: bool) -> list[tuple[str, int | None, dict]]:
+def settings(family: Family, num_layers: int, visual: int, quick: bool, tiny: bool = False
+             ) -> list[tuple[str, int | None, dict]]:
     """(method, budget in visual tokens per sample, compression) rows, the uncompressed one first."""
     vz = family.visionzip_totals[-1:] if quick else family.visionzip_totals
     sv = family.sparsevlm_totals[-1:] if quick else family.sparsevlm_totals
@@ -275,6 +302,14 @@ def settings(family: Family, num_layers: int, visual: int, quick: bool) -> list[
     rows += [("visionzip", total, family.visionzip(total)) for total in vz]
     rows += [("sparsevlm", total, make_sparsevlm(num_layers, total, visual)) for total in sv]
     rows += [("voco", 1, {"method": "voco", "num_voco_tokens": 1})]
+    # CDPruner (instruction relevance from the LLM's embeddings: the random models have no CLIP relevance encoder)
+    # and DivPrune at VisionZip's budgets; --tiny: the smallest budget only (a smoke test of the path).
+    pruners = vz[-1:] if tiny else vz
+    # Scope "view" (K per view / frame, as VisionZip's layout) for both, so each keeps the budget exactly.
+    rows += [("cdpruner", total, {"method": "cdpruner", "tokens": family.pruner_tokens(total), "scope": "view",
+                                  "relevance": "llm_embeddings"}) for total in pruners]
+    rows += [("divprune", total, {"method": "divprune", "tokens": family.pruner_tokens(total), "scope": "view"})
+             for total in pruners]
     return rows
 
 
@@ -418,6 +453,14 @@ def visual_count(features) -> int:
     return sum(item.shape[0] for item in pooled)
 
 
+INSTRUCTION_TOKENS = PROMPT_TOKENS - 5  # the question after the image
+
+
+def instruction_ids(device: str) -> torch.Tensor:
+    """[1, T] LLM-vocabulary ids of CDPruner's instruction (random, fixed seed, as long as the question)."""
+    return torch.randint(3, 32000, (1, INSTRUCTION_TOKENS), generator=torch.Generator().manual_seed(1)).to(device)
+
+
 def prompt_ids(family: Family, config, visual: int, voco: int, generator) -> tuple[torch.Tensor, int]:
     """[text[:5]; per group: its placeholders (+ `voco` <voco>); text[5:]] and the end of the last VoCo group."""
     text = torch.randint(3, 32000, (PROMPT_TOKENS,), generator=generator)
@@ -551,6 +594,35 @@ def sparsevlm_step_on(layer, rotary_emb, hidden: torch.Tensor, v0: int, v: int, 
     return step
 
 
+def pruner_step(run: Run, ids: torch.Tensor, pixels: dict) -> Callable:
+    """CDPruner's / DivPrune's own step over one sample's views, on the projected candidates the pruned path
+    makes anyway (tower at the feature layer, projector): CDPruner's relevance to the instruction (the LLM's
+    embeddings), its min-max over the image and the DPP greedy MAP; DivPrune's max-min diversity selection.
+    Mini-Gemini's patch mining (part of every method's vision side) is not in the step."""
+    model, family = run.model, run.family
+    inner, compression = model.model, model.config.compression
+    tower, views = family.views(model, pixels)
+    layer = model.config.vision_feature_layer
+    with torch.inference_mode():
+        hidden = tower(views, output_hidden_states=True).hidden_states
+        hidden = torch.cat([hidden[index] for index in (layer if isinstance(layer, (list, tuple)) else [layer])], dim=-1)
+        projected = inner.multi_modal_projector(hidden[:, 1:] if family.pruner_strategy == "default" else hidden)
+    group = [list(range(projected.shape[0]))]  # one sample: all its views are one image (or one video)
+    relevance_ids = pixels.get(family.relevance_key)
+
+    def step():
+        weights = None
+        if compression["method"] == "cdpruner":
+            rho = inner._relevance(projected, None, None, group, relevance_ids, None)
+            weights = minmax_relevance(rho, compression["theta"])
+        if compression["scope"] == "view":
+            return inner._select(projected, weights, pruned_count(compression, projected.shape[1]))
+        count = views_pruned_count(compression, projected.shape[1], projected.shape[0])
+        return inner._select(projected.flatten(0, 1)[None], None if weights is None else weights.flatten()[None], count)
+
+    return step
+
+
 def materialize(module: torch.nn.Module, device: str) -> torch.nn.Module:
     """Give a meta-device module real random bf16 storage on `device` (norm weights 1, biases 0)."""
     module.to_empty(device=device)
@@ -626,6 +698,8 @@ def flops_of(config, family: Family, compression: dict, visual: int, text: int, 
     vision, text_config = config.vision_config, config.text_config
     views, tokens_per_view, projected, extra = family.flop_layout(config, compression)
     tower_layers = vision.num_hidden_layers - (1 if compression["method"] == "visionzip" else 0)
+    if compression["method"] in PRUNERS and projected is None:
+        projected = views * tokens_per_view  # every candidate is projected, then K of them kept
     lengths = lengths or [visual + text] * text_config.num_hidden_layers
     return prefill_flops(vision, text_config, views=views, tokens_per_view=tokens_per_view, tower_layers=tower_layers,
                          projected=visual if projected is None else projected, lengths=lengths, extra=extra)
@@ -660,10 +734,18 @@ def measure_setting(run: Run, method: str, budget: int | None, compression: dict
     model, family, device = run.model, run.family, run.device
     row = {"family": family.name, "method": method, "setting": f"{method} {budget}" if method != "none" else "uncompressed",
            "budget": budget, "attn_implementation": run.attn, "dtype": "bfloat16"}
-    model.set_compression(compression)
+    try:
+        model.set_compression(compression)
+    except ValueError as error:  # a method this family refuses (its config says so): skipped, not a failure
+        row.update(skipped=f"unsupported by this family: {error_text(error)}", prefill_flops=None)
+        return row
     row["compression"] = model.config.compression
     generator = torch.Generator().manual_seed(0)
     pixels = on_device(family.pixels(model.config, generator), device)
+    if method == "cdpruner":
+        # The instruction CDPruner ranks against: LLM-vocabulary ids, one row per image (the processor-free form
+        # of what the Slim processor writes; relevance "llm_embeddings" embeds them with the LLM's table).
+        pixels[family.relevance_key] = instruction_ids(device)
     with torch.inference_mode():
         visual = visual_count(family.vision(model, pixels))
     voco = method == "voco"
@@ -730,9 +812,10 @@ def measure_setting(run: Run, method: str, budget: int | None, compression: dict
         row["prefill_flops"] = flops_of(model.config, family, model.config.compression, visual, text, lengths)
     part("decode", lambda: measure_decoding(run, row, generate))
 
-    if method in ("visionzip", "sparsevlm"):
+    if method in ("visionzip", "sparsevlm") + PRUNERS:
         def step_part():
-            generic = {"visionzip": lambda run, ids, pixels: visionzip_step(run, pixels), "sparsevlm": sparsevlm_step}
+            generic = {"visionzip": lambda run, ids, pixels: visionzip_step(run, pixels), "sparsevlm": sparsevlm_step,
+                       "cdpruner": pruner_step, "divprune": pruner_step}
             step = {**generic, **(family.method_steps or {})}[method](run, ids, pixels)
             row["method_step_ms"], _ = run.clock(step, run.repeats)
             row["method_step_peak_bytes"], _ = peak_bytes(step, device)
@@ -796,14 +879,15 @@ def run_family(family: Family, args, attn: str, deadline: float, save: Callable 
         print(f"  could not build: {error_text(error)}", flush=True)
         return [{"family": family.name, "method": method, "budget": None, "attn_implementation": attn,
                  "setting": method, "errors": {"build": error_text(error)}}
-                for method in ("none", "visionzip", "sparsevlm", "voco")]
+                for method in METHODS]
     # One static-cache length per family, so compiled decoding is not re-traced per setting.
     run = Run(family, model, device, attn, args.repeats, args.new_tokens,
               max_cache_len=full_visual + PROMPT_TOKENS + family.groups + args.new_tokens + 8,
               clock=Clock(device, warmup=0 if args.tiny else 1),  # --tiny: no timing meaning, no warm-up
               cpu_compile=args.cpu_compile)
     rows = []
-    for method, budget, compression in settings(family, model.config.text_config.num_hidden_layers, full_visual, args.quick):
+    for method, budget, compression in settings(family, model.config.text_config.num_hidden_layers, full_visual, args.quick,
+                                                args.tiny):
         if time.perf_counter() > deadline:
             rows.append({"family": family.name, "method": method, "budget": budget, "attn_implementation": attn,
                          "setting": f"{method} {budget}", "skipped": "time budget spent", "prefill_flops": None})
@@ -857,7 +941,8 @@ def print_summary(rows: list[dict], tiny: bool) -> None:
             value = row.get(key)
             return f"{value / 2**20:.2f} MiB" if value is not None else "-"
 
-        check = {True: "OK (never worse)", False: "WORSE", None: "n/a"}[row.get("memory_never_worse")]
+        check = ("skipped: " + row["skipped"][:60] if row.get("skipped")
+                 else {True: "OK (never worse)", False: "WORSE", None: "n/a"}[row.get("memory_never_worse")])
         print(f"  {row['family']:>11} {row['attn_implementation']:>17} {row['setting']:>16} {num('speedup', '.2f'):>8} "
               f"{num('flop_ideal_speedup', '.2f'):>7} {num('share_of_ideal', '.0%'):>6} "
               f"{num('flop_ideal_speedup_real_shapes', '.2f'):>9}  {mib('method_step_peak_bytes'):>11} "
@@ -874,7 +959,8 @@ def plot(rows: list[dict], path: Path, device_name: str) -> None:
     fig, axes = plt.subplots(1, len(families), figsize=(4.5 * len(families), 4), squeeze=False)
     for ax, name in zip(axes[0], families):
         attn = next(row["attn_implementation"] for row in rows if row["family"] == name)
-        chosen = [row for row in rows if row["family"] == name and row["attn_implementation"] == attn and row["method"] != "none"]
+        chosen = [row for row in rows if row["family"] == name and row["attn_implementation"] == attn
+                  and row["method"] != "none" and not row.get("skipped")]
         labels = [row["setting"] for row in chosen]
         xs = range(len(chosen))
         nan = float("nan")  # a missing value draws no bar

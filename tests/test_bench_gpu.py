@@ -37,11 +37,14 @@ def test_every_family_and_method_has_a_row_with_the_flop_ideal_ratio(tiny_run):
     rows = result["rows"]
     required = {"family", "method", "setting", "visual_tokens", "prefill_ms", "ttft_ms", "decode_tokens_per_s",
                 "peak_memory_bytes", "method_step_peak_bytes", "speedup", "flop_ideal_speedup"}
-    for row in rows:
-        assert required <= set(row), (row["setting"], required - set(row))
     assert {(row["family"], row["method"]) for row in rows} == {
-        (family, method) for family in bench_gpu.FAMILIES for method in ("none", "visionzip", "sparsevlm", "voco")}
+        (family, method) for family in bench_gpu.FAMILIES for method in bench_gpu.METHODS}
     for row in rows:
+        if row.get("skipped"):  # a method the family's config refuses: recorded, never measured
+            assert row["skipped"].startswith("unsupported by this family: ValueError"), row
+            assert row["method"] in bench_gpu.FAMILIES[row["family"]].config_class.unsupported_methods, row
+            continue
+        assert required <= set(row), (row["setting"], required - set(row))
         # A setting may record an error (e.g. a static cache under SparseVLM) but still has its prefill and ratio.
         assert "setting" not in row.get("errors", {}) and "prefill" not in row.get("errors", {}), row
         assert row["flop_ideal_speedup"] > 0 and row["prefill_ms"] > 0 and row["ttft_ms"] > 0, row["setting"]
@@ -51,7 +54,7 @@ def test_every_family_and_method_has_a_row_with_the_flop_ideal_ratio(tiny_run):
 def test_flop_ideal_ratio_follows_the_token_counts(tiny_run):
     result, _, _ = tiny_run
     for family in {row["family"] for row in result["rows"]}:
-        rows = [row for row in result["rows"] if row["family"] == family]
+        rows = [row for row in result["rows"] if row["family"] == family and not row.get("skipped")]
         dense = next(row for row in rows if row["method"] == "none")
         assert dense["flop_ideal_speedup"] == 1.0
         visionzip = sorted((row for row in rows if row["method"] == "visionzip"), key=lambda row: -row["visual_tokens"])
@@ -62,13 +65,17 @@ def test_flop_ideal_ratio_follows_the_token_counts(tiny_run):
             if row["method"] == "sparsevlm":  # pruning inside the LLM: placeholders stay, the FLOPs fall
                 assert row["visual_tokens"] == dense["visual_tokens"] and row["flop_ideal_speedup"] > 1
                 assert row["equal_tokens"] < dense["visual_tokens"]
+            if row["method"] in ("cdpruner", "divprune"):  # K per view before the LLM: VisionZip's budgets
+                assert row["visual_tokens"] == row["budget"] and row["flop_ideal_speedup"] > 1, row["setting"]
+                assert row["budget"] in [r["budget"] for r in visionzip]
             if row["method"] == "voco":  # the answer runs on K cached tokens per group, not on the image
                 assert row["visual_tokens"] == row["cached_tokens"] < 10 and row["flop_ideal_speedup"] > ratios[-1]
 
 
 def test_steps_are_measured_and_the_memory_check_is_printed_per_family_and_method(tiny_run):
     result, output, stdout = tiny_run
-    for row in result["rows"]:
+    measured = [row for row in result["rows"] if not row.get("skipped")]
+    for row in measured:
         if row["method"] != "none":
             assert row["method_step_peak_bytes"] > 0 and row["method_step_ms"] > 0, row["setting"]
             assert isinstance(row["memory_never_worse"], bool), row["setting"]
@@ -78,7 +85,7 @@ def test_steps_are_measured_and_the_memory_check_is_printed_per_family_and_metho
             assert "static" in " ".join(row["errors"]) and row["decode_mode"].startswith("dynamic")
     assert "memory never worse" in stdout
     assert sum("OK (never worse)" in line or "WORSE" in line for line in stdout.splitlines()) == sum(
-        row["method"] != "none" for row in result["rows"])
+        row["method"] != "none" for row in measured)
     assert output.with_suffix(".png").stat().st_size > 10_000
 
 
@@ -87,7 +94,7 @@ def test_a_failing_compiled_decode_is_recorded_and_the_row_falls_back(tmp_path):
     every row ends with a decode mode and the errors of the modes it could not use."""
     result, _, _ = run_bench(tmp_path / "compile.json", "--quick", "--cpu-compile", "--families", "llava-1.5")
     rows = result["rows"]
-    assert [row["method"] for row in rows] == ["none", "visionzip", "sparsevlm", "voco"]
+    assert [row["method"] for row in rows] == ["none", "visionzip", "sparsevlm", "voco", "cdpruner", "divprune"]
     for row in rows:
         compiled = row["decode_mode"].startswith("static+compile")
         tried = any(key.startswith("decode static+compile") for key in row.get("errors", {}))
@@ -122,7 +129,7 @@ def test_a_spent_time_budget_skips_the_remaining_rows_and_still_writes_the_resul
     result = bench_gpu.main(["--device", "cpu", "--tiny", "--families", "llava-1.5", "--time-budget-s", "1e-9",
                              "--output", str(tmp_path / "skipped.json")])
     rows = json.loads((tmp_path / "skipped.json").read_text())["rows"]
-    assert result["complete"] and len(rows) == 8
+    assert result["complete"] and len(rows) == 10  # 1 + 3 VisionZip + 3 SparseVLM + VoCo + CDPruner + DivPrune
     assert all(row["skipped"] == "time budget spent" and row["flop_ideal_speedup"] is None for row in rows)
 
 
