@@ -6,7 +6,9 @@ benchmarks/configs/, which hold the published config.json shapes).
 
 Families (registry `FAMILIES`): LLaVA-1.5-7B (one 336-px image, 576 tokens), LLaVA-NeXT-7B (a 672x672 image: 2x2
 grid + base view, 2,928 tokens), Video-LLaVA-7B (8 frames, 2,056 tokens), MGM-7B-HD (2x2 crops + global view,
-2,880 tokens). Settings per family: uncompressed; VisionZip at the paper budgets (192/128/64; 5-view families
+2,880 tokens), LLaVA-OneVision-7B (Qwen2-7B, SigLIP-so400m 384/14 without CLS; a 1152x1152 image: 3x3 grid +
+base view, 7,371 tokens; VisionZip 128/64/32 per view = 1280/640/320, scored by the attention each patch
+receives). Settings per family: uncompressed; VisionZip at the paper budgets (192/128/64; 5-view families
 640/320/160; video 17 per frame = 136); SparseVLM at the same visual-token budgets (video: the paper's 194 equal
 tokens); VoCo-LLaMA with K=1 (per frame for video) answering from its compressed cache; CDPruner (relevance
 "llm_embeddings": the random models have no CLIP relevance encoder; a fixed 35-token instruction passed as
@@ -83,6 +85,8 @@ from slimvlm import (  # noqa: E402
     SlimLlavaForConditionalGeneration,
     SlimLlavaNextConfig,
     SlimLlavaNextForConditionalGeneration,
+    SlimLlavaOnevisionConfig,
+    SlimLlavaOnevisionForConditionalGeneration,
     SlimMiniGeminiConfig,
     SlimMiniGeminiForConditionalGeneration,
     SlimVideoLlavaConfig,
@@ -108,7 +112,12 @@ from slimvlm.sparsevlm import (  # noqa: E402
     sparsevlm_schedule,
     visual_scores,
 )
-from slimvlm.visionzip import cls_attention_and_keys, resolve_feature_layer, visionzip_select  # noqa: E402
+from slimvlm.visionzip import (  # noqa: E402
+    cls_attention_and_keys,
+    received_attention_and_keys,
+    resolve_feature_layer,
+    visionzip_select,
+)
 
 CONFIGS = ROOT / "benchmarks" / "configs"
 METHODS = ("none", "visionzip", "sparsevlm", "voco", "cdpruner", "divprune")
@@ -168,6 +177,11 @@ class Family:
     pruner_tokens: Callable = lambda total: total
     relevance_key: str = "relevance_input_ids"
     pruner_strategy: str = "default"
+    # False: a tower without CLS (SigLIP): VisionZip's step scores by the attention each patch receives
+    # (visionzip.received_attention_and_keys, chunked attention_received) and d counts patches.
+    vision_cls: bool = True
+    # --tiny keeps the real token counts (then the real-shape FLOP ratio can be computed from a tiny row).
+    tiny_real_counts: bool = True
 
 
 def _patches(vision) -> int:
@@ -189,6 +203,21 @@ def _next_pixels(config, generator) -> dict:
 
 
 VIDEO_FRAMES = 8
+ONEVISION_GRID = 3  # a 3x3-grid image: base view + 9 crops of 729 SigLIP patches
+
+
+def _onevision_pixels(config, generator) -> dict:
+    side = config.vision_config.image_size  # the image is 3 x 3 views large: best fit the 3x3 pinpoint
+    views = 1 + ONEVISION_GRID**2
+    return {**_image_pixels(config, generator, views=views),
+            "image_sizes": torch.tensor([[ONEVISION_GRID * side, ONEVISION_GRID * side]])}
+
+
+def _onevision_layout(config, compression):
+    patches = _patches(config.vision_config)  # no CLS
+    views = 1 + ONEVISION_GRID**2
+    # Stock OneVision projects every view's 729 patches before unpadding; VisionZip projects what it keeps.
+    return views, patches, None if compression["method"] == "visionzip" else views * patches, 0.0
 
 
 def _mgm_layout(config, compression):
@@ -269,6 +298,24 @@ FAMILIES: dict[str, Family] = {
             visionzip_totals=(640, 320, 160), sparsevlm_totals=(640, 320, 160), pruner_tokens=lambda total: total // 5,
             flop_layout=_mgm_layout, no_attention=("vision_config_aux",),
         ),
+        Family(
+            name="llava-onevision", title="LLaVA-OneVision-7B (3x3 grid)", config_file="llava-onevision-7b.json",
+            model_class=SlimLlavaOnevisionForConditionalGeneration, config_class=SlimLlavaOnevisionConfig,
+            # --tiny: 14x14-patch views, 2,002 tokens (the real 10 x 27x27 = 7,371 would take ~25 s of the suite's
+            # CPU), so its flop_ideal_speedup_real_shapes is left None (tiny_real_counts=False).
+            tiny={"vision_config": {**TINY_TOWER, "image_size": 28, "patch_size": 2}, "text_config": TINY_TEXT,
+                  "image_grid_pinpoints": [[28 * i, 28 * j] for i in range(1, 4) for j in range(1, 4)]},
+            tiny_real_counts=False,
+            pixels=_onevision_pixels,
+            vision=lambda model, pixels: model.model.get_image_features(**pixels),
+            views=lambda model, pixels: (model.model.vision_tower, pixels["pixel_values"][0]),
+            placeholder_id=lambda config: config.image_token_id,
+            # K per view (10 views), as NeXT's 128/64/32 per view.
+            visionzip=lambda total: {"method": "visionzip", "tokens": total // (1 + ONEVISION_GRID**2)},
+            visionzip_totals=(1280, 640, 320), sparsevlm_totals=(1280, 640, 320),
+            pruner_tokens=lambda total: total // (1 + ONEVISION_GRID**2),
+            flop_layout=_onevision_layout, vision_cls=False,
+        ),
     )
 }
 
@@ -322,15 +369,18 @@ def _merge(base: dict, overrides: dict) -> dict:
     return out
 
 
-def family_config(family: Family, tiny: bool):
+def family_config(family: Family, tiny: bool, geometry_only: bool = False):
+    """(config, hub id); tiny: with the family's --tiny overrides (geometry_only: only the tiny widths, the
+    published image geometry, hence the real token counts)."""
     spec = json.loads((CONFIGS / family.config_file).read_text())
-    values = _merge(spec["config"], family.tiny) if tiny else spec["config"]
+    overrides = {"vision_config": TINY_TOWER, "text_config": TINY_TEXT} if geometry_only else family.tiny
+    values = _merge(spec["config"], overrides) if tiny else spec["config"]
     return family.config_class(**values), spec["hub_id"]
 
 
-def build_model(family: Family, device: str, tiny: bool, attn: str):
+def build_model(family: Family, device: str, tiny: bool, attn: str, geometry_only: bool = False):
     """Random weights, built on `device` directly in bf16 (no fp32 copy on the host first)."""
-    config, _ = family_config(family, tiny)
+    config, _ = family_config(family, tiny, geometry_only)
     torch.manual_seed(0)
     # Every attention-using sub-config gets `attn`; the others (MGM's ConvNeXt) keep their default.
     implementation = {"": attn, **{key: attn for key in config.sub_configs if key not in family.no_attention}}
@@ -541,14 +591,18 @@ def visionzip_step(run: Run, pixels: dict) -> Callable:
     with torch.inference_mode():
         hidden = tower(views, output_hidden_states=True).hidden_states
     return visionzip_step_on(tower.encoder.layers[layer], hidden[layer], hidden[layer + 1],
-                             *family.visionzip_split(model.config.compression))
+                             *family.visionzip_split(model.config.compression), cls=family.vision_cls)
 
 
-def visionzip_step_on(layer, layer_input: torch.Tensor, layer_output: torch.Tensor, dominant: int, contextual: int):
-    """step() = VisionZip on views [V, N, C]: `layer`'s CLS row and keys from its input, selection and merge."""
+def visionzip_step_on(layer, layer_input: torch.Tensor, layer_output: torch.Tensor, dominant: int, contextual: int,
+                      cls: bool = True):
+    """step() = VisionZip on views [V, N, C]: `layer`'s CLS row and keys from its input (cls False: the attention
+    every patch receives, never an N x N map at once), selection and merge."""
+    score = cls_attention_and_keys if cls else received_attention_and_keys
+
     def step():
-        scores, keys = cls_attention_and_keys(layer, layer_input)
-        return visionzip_select(layer_output, scores, keys, dominant, contextual).tokens
+        scores, keys = score(layer, layer_input)
+        return visionzip_select(layer_output, scores, keys, dominant, contextual, cls=cls).tokens
 
     return step
 
@@ -644,7 +698,8 @@ def real_shape_step_check(family: Family, device: str, quick: bool) -> list[dict
     token), a lower bound of that prefill's peak. VoCo's step is the uncompressed prefill of the image prefix
     itself (no step of its own to compare), so it is left to the full runs."""
     config, _ = family_config(family, tiny=False)
-    tiny_model = build_model(family, "cpu", True, "sdpa")  # --tiny keeps the real token counts
+    # A 32-wide model with the real geometry counts the real visual tokens (--tiny keeps them for most families).
+    tiny_model = build_model(family, "cpu", True, "sdpa", geometry_only=not family.tiny_real_counts)
     tiny_pixels = family.pixels(tiny_model.config, torch.Generator().manual_seed(0))
     with torch.device("meta"):
         model = family.model_class._from_config(config, dtype=DTYPE)
@@ -668,9 +723,11 @@ def real_shape_step_check(family: Family, device: str, quick: bool) -> list[dict
                 tower, views = family.views(model, pixels)
                 index = resolve_feature_layer(model.config.vision_feature_layer, len(tower.encoder.layers))
                 layer = materialize(tower.encoder.layers[index], device)
-                shape = (views.shape[0], _patches(model.config.vision_config) + 1, model.config.vision_config.hidden_size)
+                shape = (views.shape[0], _patches(model.config.vision_config) + int(family.vision_cls),
+                         model.config.vision_config.hidden_size)
                 layer_input, layer_output = (torch.randn(*shape, generator=generator).to(device, DTYPE) for _ in range(2))
-                step = visionzip_step_on(layer, layer_input, layer_output, *family.visionzip_split(model.config.compression))
+                step = visionzip_step_on(layer, layer_input, layer_output, *family.visionzip_split(model.config.compression),
+                                         cls=family.vision_cls)
             else:
                 language_model = model.model.language_model
                 layer = materialize(language_model.layers[model.config.compression["layers"][0]], device)
@@ -697,7 +754,9 @@ def flops_of(config, family: Family, compression: dict, visual: int, text: int, 
     layers over `visual + text` tokens."""
     vision, text_config = config.vision_config, config.text_config
     views, tokens_per_view, projected, extra = family.flop_layout(config, compression)
-    tower_layers = vision.num_hidden_layers - (1 if compression["method"] == "visionzip" else 0)
+    # VisionZip's tower stops at its scoring layer (L-2 on CLIP: L-1 layers; OneVision's -1: all of them).
+    tower_layers = (resolve_feature_layer(config.vision_feature_layer, vision.num_hidden_layers) + 1
+                    if compression["method"] == "visionzip" else vision.num_hidden_layers)
     if compression["method"] in PRUNERS and projected is None:
         projected = views * tokens_per_view  # every candidate is projected, then K of them kept
     lengths = lengths or [visual + text] * text_config.num_hidden_layers
@@ -841,8 +900,11 @@ def finish_rows(rows: list[dict]) -> None:
         # under --tiny it is what the GPU run will be compared against).
         try:
             family = FAMILIES[row["family"]]
+            shrunk = row.get("shapes") == "tiny" and not family.tiny_real_counts
+            if shrunk:
+                row["real_shapes_note"] = "--tiny shrinks this family's token counts: no real-shape ratio from its rows"
             ideal, equal_tokens = (real_shape_flops(family, row, dense["visual_tokens"])
-                                   if ok and row.get("prefill_flops") else (None, None))
+                                   if ok and row.get("prefill_flops") and not shrunk else (None, None))
             dense_ideal = real_shape_flops(family, dense, dense["visual_tokens"])[0] if ideal else None
             row["flop_ideal_speedup_real_shapes"] = dense_ideal / ideal if ideal else None
             if equal_tokens is not None:
