@@ -8,7 +8,9 @@ Families (registry `FAMILIES`): LLaVA-1.5-7B (one 336-px image, 576 tokens), LLa
 grid + base view, 2,928 tokens), Video-LLaVA-7B (8 frames, 2,056 tokens), MGM-7B-HD (2x2 crops + global view,
 2,880 tokens), LLaVA-OneVision-7B (Qwen2-7B, SigLIP-so400m 384/14 without CLS; a 1152x1152 image: 3x3 grid +
 base view, 7,371 tokens; VisionZip 128/64/32 per view = 1280/640/320, scored by the attention each patch
-receives). Settings per family: uncompressed; VisionZip at the paper budgets (192/128/64; 5-view families
+receives), Qwen2.5-VL-7B with a 448x448 image (256 tokens) and with a 1008x1008 image (1,296 tokens; VisionZip
+retain 0.5/0.25/0.1 per image, scored by the attention received in the last block's segments; its FLOPs are
+benchmarks/bench_speed_qwen.py's tower + merger model). Settings per family: uncompressed; VisionZip at the paper budgets (192/128/64; 5-view families
 640/320/160; video 17 per frame = 136); SparseVLM at the same visual-token budgets (video: the paper's 194 equal
 tokens); VoCo-LLaMA with K=1 (per frame for video) answering from its compressed cache; CDPruner (relevance
 "llm_embeddings": the random models have no CLIP relevance encoder; a fixed 35-token instruction passed as
@@ -46,8 +48,8 @@ Measured per row (CUDA events on GPU, perf_counter on CPU; median of --repeats a
 real-width tensors, only its layer materialised, against the uncompressed KV cache); on CPU it replaces the run.
 
 Any part that fails records "errors": {part: message} in its row; the run never stops for one setting.
---tiny: the same code path at tiny widths (token counts as real) in seconds, for the test suite (no timing
-meaning). --quick: sdpa only, the smallest budget per method, fewer repeats and tokens (about 2 minutes on one
+--tiny: the same code path at tiny widths (token counts as real, except OneVision's) in seconds, for the test
+suite (no timing meaning); the largest and the smallest budget of each method. --quick: sdpa only, the smallest budget per method, fewer repeats and tokens (about 2 minutes on one
 H200-class GPU); --time-budget-s skips the remaining rows (recorded as skipped) once spent.
 Writes the JSON (--output, default benchmarks/results/gpu.json; after every row the raw rows so far with
 "complete": false, so a run stopped from outside keeps what it measured) and a PNG plot next to it.
@@ -89,6 +91,8 @@ from slimvlm import (  # noqa: E402
     SlimLlavaOnevisionForConditionalGeneration,
     SlimMiniGeminiConfig,
     SlimMiniGeminiForConditionalGeneration,
+    SlimQwen2_5_VLConfig,
+    SlimQwen2_5_VLForConditionalGeneration,
     SlimVideoLlavaConfig,
     SlimVideoLlavaForConditionalGeneration,
 )
@@ -101,6 +105,8 @@ from slimvlm.configuration_slimvlm import (  # noqa: E402
     sparsevlm_setting,
     views_pruned_count,
 )
+from slimvlm.configuration_qwen_vl import qwen_token_count  # noqa: E402
+from slimvlm.modeling_qwen2_5_vl import vision_query_key  # noqa: E402
 from slimvlm.sparsevlm import (  # noqa: E402
     _rater_queries,
     apply_rope,
@@ -116,6 +122,9 @@ from slimvlm.visionzip import (  # noqa: E402
     cls_attention_and_keys,
     received_attention_and_keys,
     resolve_feature_layer,
+    segmented_attention_received,
+    select_units,
+    unit_scores_and_keys,
     visionzip_select,
 )
 
@@ -180,6 +189,12 @@ class Family:
     # False: a tower without CLS (SigLIP): VisionZip's step scores by the attention each patch receives
     # (visionzip.received_attention_and_keys, chunked attention_received) and d counts patches.
     vision_cls: bool = True
+    # Qwen-style prompts: (start, end) token ids around each placeholder group (config -> ids), inputs the
+    # forward also needs (config, input_ids) -> dict (mm_token_type_ids), and the vision side's FLOPs
+    # (config, compression) -> float, replacing the ViT + projector model of `flop_layout`.
+    bracket: Callable | None = None
+    extra_inputs: Callable | None = None
+    vision_flops: Callable | None = None
     # --tiny keeps the real token counts (then the real-shape FLOP ratio can be computed from a tiny row).
     tiny_real_counts: bool = True
 
@@ -218,6 +233,97 @@ def _onevision_layout(config, compression):
     views = 1 + ONEVISION_GRID**2
     # Stock OneVision projects every view's 729 patches before unpadding; VisionZip projects what it keeps.
     return views, patches, None if compression["method"] == "visionzip" else views * patches, 0.0
+
+
+QWEN_RETAIN = (0.5, 0.25, 0.1)  # VisionZip's retain ratios on Qwen-VL (dominant r - 0.05, contextual 0.05)
+
+
+def _qwen_grid(side: int) -> list[int]:
+    return [1, side // 14, side // 14]  # one temporal step of 14-px patches
+
+
+def _qwen_visionzip_budgets(side: int) -> dict[int, float]:
+    """{visual tokens: retain ratio} of one `side`-px image, counted by the library (qwen_token_count)."""
+    counts = {}
+    for retain in QWEN_RETAIN:
+        compression = SlimQwen2_5_VLConfig(compression={"method": "visionzip", "retain_ratio": retain}).compression
+        counts[qwen_token_count(compression, _qwen_grid(side), 2)] = retain
+    return counts
+
+
+def _qwen_pixels(side: int) -> Callable:
+    def pixels(config, generator) -> dict:
+        grid = _qwen_grid(side)
+        vision = config.vision_config
+        width = 3 * vision.temporal_patch_size * vision.patch_size**2
+        return {"pixel_values": torch.randn(grid[1] * grid[2], width, generator=generator),
+                "image_grid_thw": torch.tensor([grid])}
+
+    return pixels
+
+
+def _qwen_vision_flops(side: int) -> Callable:
+    def flops(config, compression) -> float:
+        from bench_speed_qwen import vision_flops  # the Qwen tower + merger (+ VisionZip's QK^T) of the CPU benchmark
+
+        return vision_flops(config, _qwen_grid(side), compression["method"] == "visionzip")
+
+    return flops
+
+
+def qwen_visionzip_step(run, ids, pixels) -> Callable:
+    """VisionZip's own step on one Qwen2.5-VL image: the last block's q/k after its 2-D RoPE (captured inputs of a
+    tower run), attention received within its segments (visionzip.segmented_attention_received, chunked), unit
+    scores and keys in raster order, selection and merge of the merged rows: the library's functions."""
+    inner = run.model.model
+    visual, grid = inner.visual, pixels["image_grid_thw"]
+    captured = {}
+
+    def capture(module, args, kwargs):
+        captured.update(hidden=args[0] if args else kwargs["hidden_states"], cu_seqlens=kwargs["cu_seqlens"],
+                        position_embeddings=kwargs["position_embeddings"])
+
+    handle = visual.blocks[-1].register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            merged = visual(pixels["pixel_values"].type(visual.dtype), grid_thw=grid).pooler_output
+    finally:
+        handle.remove()
+    merge = visual.spatial_merge_size**2
+    order = inner._unit_order(grid)
+    counts = inner._visionzip_counts(merged.shape[0])
+
+    def step():
+        query, key = vision_query_key(visual.blocks[-1], captured["hidden"], captured["position_embeddings"])
+        received = segmented_attention_received(query, key, captured["cu_seqlens"])
+        scores, keys = unit_scores_and_keys(received, key, order, merge)
+        return select_units(scores, keys, *counts).apply(merged)
+
+    return step
+
+
+def _qwen_family(side: int) -> Family:
+    budgets = _qwen_visionzip_budgets(side)
+    totals = tuple(budgets)
+    return Family(
+        name="qwen2.5-vl" if side == 448 else f"qwen2.5-vl-{side}",
+        title=f"Qwen2.5-VL-7B ({side}x{side} image)", config_file="qwen2.5-vl-7b.json",
+        model_class=SlimQwen2_5_VLForConditionalGeneration, config_class=SlimQwen2_5_VLConfig,
+        # --tiny: 32 wide, 2 blocks (windowed, then full attention as the real last block); 14-px patches, so the
+        # token counts are the real ones.
+        tiny={"vision_config": {"depth": 2, "hidden_size": 32, "num_heads": 4, "intermediate_size": 64,
+                                "fullatt_block_indexes": [1], "out_hidden_size": 32},
+              "text_config": {**TINY_TEXT, "rope_parameters": {"mrope_section": [2, 1, 1]}}},
+        pixels=_qwen_pixels(side),
+        vision=lambda model, pixels: model.model.get_image_features(**pixels),
+        views=None, placeholder_id=lambda config: config.image_token_id,
+        visionzip=lambda total: {"method": "visionzip", "retain_ratio": budgets[total]},
+        visionzip_totals=totals, sparsevlm_totals=totals, pruner_tokens=lambda total: total,
+        flop_layout=None, vision_flops=_qwen_vision_flops(side),
+        bracket=lambda config: (config.vision_start_token_id, config.vision_end_token_id),
+        extra_inputs=lambda config, ids: {"mm_token_type_ids": (ids == config.image_token_id).long()},
+        method_steps={"visionzip": qwen_visionzip_step},
+    )
 
 
 def _mgm_layout(config, compression):
@@ -316,6 +422,8 @@ FAMILIES: dict[str, Family] = {
             pruner_tokens=lambda total: total // (1 + ONEVISION_GRID**2),
             flop_layout=_onevision_layout, vision_cls=False,
         ),
+        _qwen_family(448),
+        _qwen_family(1008),
     )
 }
 
@@ -342,8 +450,10 @@ def sparsevlm_for(num_layers: int, total: int, visual: int) -> dict:
 def settings(family: Family, num_layers: int, visual: int, quick: bool, tiny: bool = False
              ) -> list[tuple[str, int | None, dict]]:
     """(method, budget in visual tokens per sample, compression) rows, the uncompressed one first."""
-    vz = family.visionzip_totals[-1:] if quick else family.visionzip_totals
-    sv = family.sparsevlm_totals[-1:] if quick else family.sparsevlm_totals
+    def chosen(totals):  # --quick: the smallest budget; --tiny: the largest and the smallest (a smoke test)
+        return totals[-1:] if quick else totals[:: max(1, len(totals) - 1)] if tiny else totals
+
+    vz, sv = chosen(family.visionzip_totals), chosen(family.sparsevlm_totals)
     make_sparsevlm = family.sparsevlm_settings or sparsevlm_for
     rows = [("none", visual, {"method": "none"})]
     rows += [("visionzip", total, family.visionzip(total)) for total in vz]
@@ -515,7 +625,8 @@ def prompt_ids(family: Family, config, visual: int, voco: int, generator) -> tup
     """[text[:5]; per group: its placeholders (+ `voco` <voco>); text[5:]] and the end of the last VoCo group."""
     text = torch.randint(3, 32000, (PROMPT_TOKENS,), generator=generator)
     per_group = visual // family.groups
-    group = [family.placeholder_id(config)] * per_group + [config.voco_token_id] * voco
+    start, end = ([], []) if family.bracket is None else ([family.bracket(config)[0]], [family.bracket(config)[1]])
+    group = start + [family.placeholder_id(config)] * per_group + end + [config.voco_token_id] * voco
     ids = torch.cat([text[:5], torch.tensor(group * family.groups), text[5:]]).unsqueeze(0)
     return ids, 5 + len(group) * family.groups
 
@@ -715,6 +826,9 @@ def real_shape_step_check(family: Family, device: str, quick: bool) -> list[dict
     for method, budget, compression in settings(family, text_config.num_hidden_layers, visual, quick):
         if method not in ("visionzip", "sparsevlm"):
             continue
+        if method == "visionzip" and family.views is None:  # a family-specific step (Qwen): left to the full runs
+            print(f"  {family.name:>11} {method}: its own VisionZip step, not covered here (see the full runs)")
+            continue
         model.config.compression = compression  # normalised on assignment
         row = {"family": family.name, "setting": f"{method} {budget}", "method": method, "shapes": "real widths",
                "uncompressed_kv_cache_bytes": kv_bytes}
@@ -753,13 +867,15 @@ def flops_of(config, family: Family, compression: dict, visual: int, text: int, 
     """Prefill FLOPs (benchmarks/flops.py) of one setting: `lengths` per decoder layer (SparseVLM), else all
     layers over `visual + text` tokens."""
     vision, text_config = config.vision_config, config.text_config
+    lengths = lengths or [visual + text] * text_config.num_hidden_layers
+    if family.vision_flops is not None:
+        return family.vision_flops(config, compression) + sum(llm_layer_flops(text_config, n) for n in lengths)
     views, tokens_per_view, projected, extra = family.flop_layout(config, compression)
     # VisionZip's tower stops at its scoring layer (L-2 on CLIP: L-1 layers; OneVision's -1: all of them).
     tower_layers = (resolve_feature_layer(config.vision_feature_layer, vision.num_hidden_layers) + 1
                     if compression["method"] == "visionzip" else vision.num_hidden_layers)
     if compression["method"] in PRUNERS and projected is None:
         projected = views * tokens_per_view  # every candidate is projected, then K of them kept
-    lengths = lengths or [visual + text] * text_config.num_hidden_layers
     return prefill_flops(vision, text_config, views=views, tokens_per_view=tokens_per_view, tower_layers=tower_layers,
                          projected=visual if projected is None else projected, lengths=lengths, extra=extra)
 
@@ -810,7 +926,8 @@ def measure_setting(run: Run, method: str, budget: int | None, compression: dict
     voco = method == "voco"
     ids, prefix_end = prompt_ids(family, model.config, visual, 1 if voco else 0, generator)
     ids = ids.to(device)
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), **pixels}
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), **pixels,
+              **(family.extra_inputs(model.config, ids) if family.extra_inputs else {})}
     text = ids.shape[1] - visual
     row.update(visual_tokens=visual, text_tokens=text)
 
@@ -827,7 +944,7 @@ def measure_setting(run: Run, method: str, budget: int | None, compression: dict
                 torch.cuda.empty_cache()
 
     if voco:
-        prefix = {key: value[:, :prefix_end] if key in ("input_ids", "attention_mask") else value
+        prefix = {key: value[:, :prefix_end] if key in ("input_ids", "attention_mask", "mm_token_type_ids") else value
                   for key, value in inputs.items()}
         question = ids[:, prefix_end:]
         cache = {}

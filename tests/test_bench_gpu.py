@@ -59,14 +59,23 @@ def test_flop_ideal_ratio_follows_the_token_counts(tiny_run):
         assert dense["flop_ideal_speedup"] == 1.0
         visionzip = sorted((row for row in rows if row["method"] == "visionzip"), key=lambda row: -row["visual_tokens"])
         ratios = [row["flop_ideal_speedup"] for row in visionzip]
-        assert all(ratio > 1 for ratio in ratios) and ratios == sorted(ratios), (family, ratios)
+        assert ratios == sorted(ratios), (family, ratios)
+        # At the published shapes VisionZip always saves FLOPs (at --tiny widths Qwen's extra QK^T over 5,184
+        # patches can outweigh a 32-wide LLM); OneVision's --tiny shrinks its token counts: no real-shape ratio.
+        real = [row["flop_ideal_speedup_real_shapes"] for row in visionzip]
+        if family == "llava-onevision":
+            assert real == [None] * len(real) and all(ratio > 1 for ratio in ratios), (family, ratios)
+        else:
+            assert all(ratio > 1 for ratio in real) and real == sorted(real), (family, real)
+        if not family.startswith("qwen"):
+            assert all(ratio > 1 for ratio in ratios), (family, ratios)
         assert [row["visual_tokens"] for row in visionzip] == [row["budget"] for row in visionzip]
         for row in rows:
             if row["method"] == "sparsevlm":  # pruning inside the LLM: placeholders stay, the FLOPs fall
                 assert row["visual_tokens"] == dense["visual_tokens"] and row["flop_ideal_speedup"] > 1
                 assert row["equal_tokens"] < dense["visual_tokens"]
             if row["method"] in ("cdpruner", "divprune"):  # K per view before the LLM: VisionZip's budgets
-                assert row["visual_tokens"] == row["budget"] and row["flop_ideal_speedup"] > 1, row["setting"]
+                assert row["visual_tokens"] == row["budget"] and row["flop_ideal_speedup_real_shapes"] > 1, row["setting"]
                 assert row["budget"] in [r["budget"] for r in visionzip]
             if row["method"] == "voco":  # the answer runs on K cached tokens per group, not on the image
                 assert row["visual_tokens"] == row["cached_tokens"] < 10 and row["flop_ideal_speedup"] > ratios[-1]
@@ -110,8 +119,9 @@ def test_real_shape_configs_build_on_the_meta_device_in_bf16_at_the_published_si
     import bench_gpu
 
     # The Hub's model-card counts.
-    published = {"llava-1.5": 7.06e9, "llava-next": 7.06e9, "video-llava": 7.37e9, "llava-onevision": 8.03e9}
-    depth = {"llava-onevision": 28}
+    published = {"llava-1.5": 7.06e9, "llava-next": 7.06e9, "video-llava": 7.37e9, "llava-onevision": 8.03e9,
+                 "qwen2.5-vl": 8.29e9}
+    depth = {"llava-onevision": 28, "qwen2.5-vl": 28, "qwen2.5-vl-1008": 28}
     counts = {}
     for name, family in bench_gpu.FAMILIES.items():
         model = bench_gpu.build_model(family, "meta", tiny=False, attn="sdpa")
@@ -131,7 +141,7 @@ def test_a_spent_time_budget_skips_the_remaining_rows_and_still_writes_the_resul
     result = bench_gpu.main(["--device", "cpu", "--tiny", "--families", "llava-1.5", "--time-budget-s", "1e-9",
                              "--output", str(tmp_path / "skipped.json")])
     rows = json.loads((tmp_path / "skipped.json").read_text())["rows"]
-    assert result["complete"] and len(rows) == 10  # 1 + 3 VisionZip + 3 SparseVLM + VoCo + CDPruner + DivPrune
+    assert result["complete"] and len(rows) == 8  # 1 + 2 VisionZip + 2 SparseVLM (--tiny) + VoCo + CDPruner + DivPrune
     assert all(row["skipped"] == "time budget spent" and row["flop_ideal_speedup"] is None for row in rows)
 
 
