@@ -289,13 +289,19 @@ def qwen_visionzip_step(run, ids, pixels) -> Callable:
             merged = visual(pixels["pixel_values"].type(visual.dtype), grid_thw=grid).pooler_output
     finally:
         handle.remove()
-    merge = visual.spatial_merge_size**2
+    return qwen_visionzip_step_on(inner, visual.blocks[-1], captured["hidden"], captured["cu_seqlens"],
+                                  captured["position_embeddings"], merged, grid)
+
+
+def qwen_visionzip_step_on(inner, block, hidden, cu_seqlens, position_embeddings, merged, grid) -> Callable:
+    """step() = VisionZip on one Qwen image from the scoring block's inputs and the merged rows [n, D]."""
+    merge = inner.visual.spatial_merge_size**2
     order = inner._unit_order(grid)
     counts = inner._visionzip_counts(merged.shape[0])
 
     def step():
-        query, key = vision_query_key(visual.blocks[-1], captured["hidden"], captured["position_embeddings"])
-        received = segmented_attention_received(query, key, captured["cu_seqlens"])
+        query, key = vision_query_key(block, hidden, position_embeddings)
+        received = segmented_attention_received(query, key, cu_seqlens)
         scores, keys = unit_scores_and_keys(received, key, order, merge)
         return select_units(scores, keys, *counts).apply(merged)
 
@@ -826,14 +832,21 @@ def real_shape_step_check(family: Family, device: str, quick: bool) -> list[dict
     for method, budget, compression in settings(family, text_config.num_hidden_layers, visual, quick):
         if method not in ("visionzip", "sparsevlm"):
             continue
-        if method == "visionzip" and family.views is None:  # a family-specific step (Qwen): left to the full runs
-            print(f"  {family.name:>11} {method}: its own VisionZip step, not covered here (see the full runs)")
-            continue
         model.config.compression = compression  # normalised on assignment
         row = {"family": family.name, "setting": f"{method} {budget}", "method": method, "shapes": "real widths",
                "uncompressed_kv_cache_bytes": kv_bytes}
         try:
-            if method == "visionzip":
+            if method == "visionzip" and family.views is None:  # Qwen: the last block (full attention) at real width
+                tower, grid = model.model.visual, pixels["image_grid_thw"]
+                block = materialize(tower.blocks[-1], device)
+                patches, width = int(grid.prod()), model.config.vision_config.hidden_size
+                head_dim = width // model.config.vision_config.num_heads
+                hidden = torch.randn(patches, width, generator=generator).to(device, DTYPE)
+                angles = torch.rand(patches, head_dim, generator=generator).to(device)
+                merged = torch.randn(patches // 4, model.config.vision_config.out_hidden_size, generator=generator).to(device, DTYPE)
+                step = qwen_visionzip_step_on(model.model, block, hidden, torch.tensor([0, patches]),
+                                              (angles.cos(), angles.sin()), merged, grid)
+            elif method == "visionzip":
                 tower, views = family.views(model, pixels)
                 index = resolve_feature_layer(model.config.vision_feature_layer, len(tower.encoder.layers))
                 layer = materialize(tower.encoder.layers[index], device)
