@@ -10,7 +10,8 @@ grid + base view, 2,928 tokens), Video-LLaVA-7B (8 frames, 2,056 tokens), MGM-7B
 base view, 7,371 tokens; VisionZip 128/64/32 per view = 1280/640/320, scored by the attention each patch
 receives), Qwen2.5-VL-7B with a 448x448 image (256 tokens) and with a 1008x1008 image (1,296 tokens; VisionZip
 retain 0.5/0.25/0.1 per image, scored by the attention received in the last block's segments; its FLOPs are
-benchmarks/bench_speed_qwen.py's tower + merger model). Settings per family: uncompressed; VisionZip at the paper budgets (192/128/64; 5-view families
+benchmarks/bench_speed_qwen.py's tower + merger model), Qwen3-VL-8B with a 448x448 image (196 tokens; the same
+retain ratios, the keep mask applied to every DeepStack level too; no windows). Settings per family: uncompressed; VisionZip at the paper budgets (192/128/64; 5-view families
 640/320/160; video 17 per frame = 136); SparseVLM at the same visual-token budgets (video: the paper's 194 equal
 tokens); VoCo-LLaMA with K=1 (per frame for video) answering from its compressed cache; CDPruner (relevance
 "llm_embeddings": the random models have no CLIP relevance encoder; a fixed 35-token instruction passed as
@@ -93,6 +94,8 @@ from slimvlm import (  # noqa: E402
     SlimMiniGeminiForConditionalGeneration,
     SlimQwen2_5_VLConfig,
     SlimQwen2_5_VLForConditionalGeneration,
+    SlimQwen3VLConfig,
+    SlimQwen3VLForConditionalGeneration,
     SlimVideoLlavaConfig,
     SlimVideoLlavaForConditionalGeneration,
 )
@@ -238,22 +241,22 @@ def _onevision_layout(config, compression):
 QWEN_RETAIN = (0.5, 0.25, 0.1)  # VisionZip's retain ratios on Qwen-VL (dominant r - 0.05, contextual 0.05)
 
 
-def _qwen_grid(side: int) -> list[int]:
-    return [1, side // 14, side // 14]  # one temporal step of 14-px patches
+def _qwen_grid(side: int, patch: int = 14) -> list[int]:
+    return [1, side // patch, side // patch]  # one temporal step of patches (14 px on Qwen2.5-VL, 16 on Qwen3-VL)
 
 
-def _qwen_visionzip_budgets(side: int) -> dict[int, float]:
+def _qwen_visionzip_budgets(side: int, patch: int = 14) -> dict[int, float]:
     """{visual tokens: retain ratio} of one `side`-px image, counted by the library (qwen_token_count)."""
     counts = {}
     for retain in QWEN_RETAIN:
         compression = SlimQwen2_5_VLConfig(compression={"method": "visionzip", "retain_ratio": retain}).compression
-        counts[qwen_token_count(compression, _qwen_grid(side), 2)] = retain
+        counts[qwen_token_count(compression, _qwen_grid(side, patch), 2)] = retain
     return counts
 
 
 def _qwen_pixels(side: int) -> Callable:
     def pixels(config, generator) -> dict:
-        grid = _qwen_grid(side)
+        grid = _qwen_grid(side, config.vision_config.patch_size)
         vision = config.vision_config
         width = 3 * vision.temporal_patch_size * vision.patch_size**2
         return {"pixel_values": torch.randn(grid[1] * grid[2], width, generator=generator),
@@ -267,6 +270,21 @@ def _qwen_vision_flops(side: int) -> Callable:
         from bench_speed_qwen import vision_flops  # the Qwen tower + merger (+ VisionZip's QK^T) of the CPU benchmark
 
         return vision_flops(config, _qwen_grid(side), compression["method"] == "visionzip")
+
+    return flops
+
+
+def _qwen3_vision_flops(side: int) -> Callable:
+    """Qwen3-VL's tower (every block full attention over the image, a 2-matrix GELU MLP), its merger and one
+    DeepStack merger per level, and VisionZip's extra QK^T in the last block (bench_speed_qwen's model, no windows)."""
+    def flops(config, compression) -> float:
+        vision = config.vision_config
+        steps, gh, gw = _qwen_grid(side, vision.patch_size)
+        patches, width, ffn = steps * gh * gw, vision.hidden_size, vision.intermediate_size
+        block = 2 * patches * (4 * width * width + 2 * width * ffn) + 2 * 2 * patches * gh * gw * width
+        mergers = 1 + len(vision.deepstack_visual_indexes)
+        total = vision.depth * block + mergers * 2 * (patches // 4) * (4 * width * 4 * width + 4 * width * vision.out_hidden_size)
+        return total + (2 * patches * gh * gw * width if compression["method"] == "visionzip" else 0.0)
 
     return flops
 
@@ -286,15 +304,17 @@ def qwen_visionzip_step(run, ids, pixels) -> Callable:
     handle = visual.blocks[-1].register_forward_pre_hook(capture, with_kwargs=True)
     try:
         with torch.inference_mode():
-            merged = visual(pixels["pixel_values"].type(visual.dtype), grid_thw=grid).pooler_output
+            output = visual(pixels["pixel_values"].type(visual.dtype), grid_thw=grid, return_dict=True)
     finally:
         handle.remove()
     return qwen_visionzip_step_on(inner, visual.blocks[-1], captured["hidden"], captured["cu_seqlens"],
-                                  captured["position_embeddings"], merged, grid)
+                                  captured["position_embeddings"], output.pooler_output, grid,
+                                  list(getattr(output, "deepstack_features", None) or ()))
 
 
-def qwen_visionzip_step_on(inner, block, hidden, cu_seqlens, position_embeddings, merged, grid) -> Callable:
-    """step() = VisionZip on one Qwen image from the scoring block's inputs and the merged rows [n, D]."""
+def qwen_visionzip_step_on(inner, block, hidden, cu_seqlens, position_embeddings, merged, grid, deepstack=()) -> Callable:
+    """step() = VisionZip on one Qwen image from the scoring block's inputs and the merged rows [n, D] (Qwen3-VL:
+    the same keep mask and merge on every DeepStack level's rows too)."""
     merge = inner.visual.spatial_merge_size**2
     order = inner._unit_order(grid)
     counts = inner._visionzip_counts(merged.shape[0])
@@ -303,29 +323,48 @@ def qwen_visionzip_step_on(inner, block, hidden, cu_seqlens, position_embeddings
         query, key = vision_query_key(block, hidden, position_embeddings)
         received = segmented_attention_received(query, key, cu_seqlens)
         scores, keys = unit_scores_and_keys(received, key, order, merge)
-        return select_units(scores, keys, *counts).apply(merged)
+        selection = select_units(scores, keys, *counts)
+        return [selection.apply(rows) for rows in (merged, *deepstack)]
 
     return step
 
 
 def _qwen_family(side: int) -> Family:
-    budgets = _qwen_visionzip_budgets(side)
-    totals = tuple(budgets)
     return Family(
         name="qwen2.5-vl" if side == 448 else f"qwen2.5-vl-{side}",
         title=f"Qwen2.5-VL-7B ({side}x{side} image)", config_file="qwen2.5-vl-7b.json",
         model_class=SlimQwen2_5_VLForConditionalGeneration, config_class=SlimQwen2_5_VLConfig,
+        **_qwen_common(_qwen_visionzip_budgets(side), _qwen_vision_flops(side), side),
         # --tiny: 32 wide, 2 blocks (windowed, then full attention as the real last block); 14-px patches, so the
         # token counts are the real ones.
         tiny={"vision_config": {"depth": 2, "hidden_size": 32, "num_heads": 4, "intermediate_size": 64,
                                 "fullatt_block_indexes": [1], "out_hidden_size": 32},
               "text_config": {**TINY_TEXT, "rope_parameters": {"mrope_section": [2, 1, 1]}}},
+    )
+
+
+def _qwen3_family(side: int) -> Family:
+    return Family(
+        name="qwen3-vl", title=f"Qwen3-VL-8B ({side}x{side} image)", config_file="qwen3-vl-8b.json",
+        model_class=SlimQwen3VLForConditionalGeneration, config_class=SlimQwen3VLConfig,
+        **_qwen_common(_qwen_visionzip_budgets(side, 16), _qwen3_vision_flops(side), side),
+        # --tiny: 32 wide, 2 blocks, DeepStack after block 0; 16-px patches and the 48x48 position table kept.
+        tiny={"vision_config": {"depth": 2, "hidden_size": 32, "num_heads": 4, "intermediate_size": 64,
+                                "deepstack_visual_indexes": [0], "out_hidden_size": 32},
+              "text_config": {**TINY_TEXT, "head_dim": 8, "rope_parameters": {"mrope_section": [2, 1, 1]}}},
+    )
+
+
+def _qwen_common(budgets: dict[int, float], vision_flops: Callable, side: int) -> dict:
+    """The Family fields the Qwen-VL families share."""
+    totals = tuple(budgets)
+    return dict(
         pixels=_qwen_pixels(side),
         vision=lambda model, pixels: model.model.get_image_features(**pixels),
         views=None, placeholder_id=lambda config: config.image_token_id,
         visionzip=lambda total: {"method": "visionzip", "retain_ratio": budgets[total]},
         visionzip_totals=totals, sparsevlm_totals=totals, pruner_tokens=lambda total: total,
-        flop_layout=None, vision_flops=_qwen_vision_flops(side),
+        flop_layout=None, vision_flops=vision_flops,
         bracket=lambda config: (config.vision_start_token_id, config.vision_end_token_id),
         extra_inputs=lambda config, ids: {"mm_token_type_ids": (ids == config.image_token_id).long()},
         method_steps={"visionzip": qwen_visionzip_step},
@@ -430,6 +469,7 @@ FAMILIES: dict[str, Family] = {
         ),
         _qwen_family(448),
         _qwen_family(1008),
+        _qwen3_family(448),
     )
 }
 
@@ -844,8 +884,10 @@ def real_shape_step_check(family: Family, device: str, quick: bool) -> list[dict
                 hidden = torch.randn(patches, width, generator=generator).to(device, DTYPE)
                 angles = torch.rand(patches, head_dim, generator=generator).to(device)
                 merged = torch.randn(patches // 4, model.config.vision_config.out_hidden_size, generator=generator).to(device, DTYPE)
+                levels = len(getattr(model.config.vision_config, "deepstack_visual_indexes", None) or ())
                 step = qwen_visionzip_step_on(model.model, block, hidden, torch.tensor([0, patches]),
-                                              (angles.cos(), angles.sin()), merged, grid)
+                                              (angles.cos(), angles.sin()), merged, grid,
+                                              [torch.randn_like(merged) for _ in range(levels)])
             elif method == "visionzip":
                 tower, views = family.views(model, pixels)
                 index = resolve_feature_layer(model.config.vision_feature_layer, len(tower.encoder.layers))

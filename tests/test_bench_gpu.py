@@ -120,8 +120,8 @@ def test_real_shape_configs_build_on_the_meta_device_in_bf16_at_the_published_si
 
     # The Hub's model-card counts.
     published = {"llava-1.5": 7.06e9, "llava-next": 7.06e9, "video-llava": 7.37e9, "llava-onevision": 8.03e9,
-                 "qwen2.5-vl": 8.29e9}
-    depth = {"llava-onevision": 28, "qwen2.5-vl": 28, "qwen2.5-vl-1008": 28}
+                 "qwen2.5-vl": 8.29e9, "qwen3-vl": 8.77e9}
+    depth = {"llava-onevision": 28, "qwen2.5-vl": 28, "qwen2.5-vl-1008": 28, "qwen3-vl": 36}
     counts = {}
     for name, family in bench_gpu.FAMILIES.items():
         model = bench_gpu.build_model(family, "meta", tiny=False, attn="sdpa")
