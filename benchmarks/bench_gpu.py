@@ -818,8 +818,12 @@ def pruner_step(run: Run, ids: torch.Tensor, pixels: dict) -> Callable:
         hidden = tower(views, output_hidden_states=True).hidden_states
         hidden = torch.cat([hidden[index] for index in (layer if isinstance(layer, (list, tuple)) else [layer])], dim=-1)
         projected = inner.multi_modal_projector(hidden[:, 1:] if family.pruner_strategy == "default" else hidden)
-    group = [list(range(projected.shape[0]))]  # one sample: all its views are one image (or one video)
-    relevance_ids = pixels.get(family.relevance_key)
+    return pruner_step_on(inner, compression, projected, pixels.get(family.relevance_key))
+
+
+def pruner_step_on(inner, compression: dict, projected: torch.Tensor, relevance_ids) -> Callable:
+    """step() = CDPruner / DivPrune over one sample's projected candidates [V, N, D] (all views one image)."""
+    group = [list(range(projected.shape[0]))]
 
     def step():
         weights = None
@@ -851,8 +855,9 @@ def materialize(module: torch.nn.Module, device: str) -> torch.nn.Module:
 def real_shape_step_check(family: Family, device: str, quick: bool) -> list[dict]:
     """The "memory never worse" check at the published shapes without a 7B model in memory: each method step is
     measured on real-width tensors, with only the layer it uses materialised (the rest of the model stays on the
-    meta device), against the KV cache the uncompressed prefill must hold (32 layers of K and V for every prompt
-    token), a lower bound of that prefill's peak. VoCo's step is the uncompressed prefill of the image prefix
+    meta device; CDPruner / DivPrune: random projected candidates at the LLM's width, CDPruner with the embedding
+    table), against the KV cache the uncompressed prefill must hold (every layer's K and V for every prompt
+    token), a lower bound of that prefill's peak. A method the family refuses is a row with "skipped". VoCo's step is the uncompressed prefill of the image prefix
     itself (no step of its own to compare), so it is left to the full runs."""
     config, _ = family_config(family, tiny=False)
     # A 32-wide model with the real geometry counts the real visual tokens (--tiny keeps them for most families).
@@ -870,11 +875,16 @@ def real_shape_step_check(family: Family, device: str, quick: bool) -> list[dict
     kv_bytes = text_config.num_hidden_layers * 2 * text_config.num_key_value_heads * head_dim * tokens * 2
     rows = []
     for method, budget, compression in settings(family, text_config.num_hidden_layers, visual, quick):
-        if method not in ("visionzip", "sparsevlm"):
+        if method not in ("visionzip", "sparsevlm") + PRUNERS:
             continue
-        model.config.compression = compression  # normalised on assignment
         row = {"family": family.name, "setting": f"{method} {budget}", "method": method, "shapes": "real widths",
                "uncompressed_kv_cache_bytes": kv_bytes}
+        try:
+            model.config.compression = compression  # normalised on assignment
+        except ValueError as error:  # a method this family refuses
+            row["skipped"] = f"unsupported by this family: {error_text(error)}"
+            rows.append(row)
+            continue
         try:
             if method == "visionzip" and family.views is None:  # Qwen: the last block (full attention) at real width
                 tower, grid = model.model.visual, pixels["image_grid_thw"]
@@ -888,6 +898,14 @@ def real_shape_step_check(family: Family, device: str, quick: bool) -> list[dict
                 step = qwen_visionzip_step_on(model.model, block, hidden, torch.tensor([0, patches]),
                                               (angles.cos(), angles.sin()), merged, grid,
                                               [torch.randn_like(merged) for _ in range(levels)])
+            elif method in PRUNERS:  # the projected candidates of every view at the LLM's width, its embedding table
+                _, views = family.views(model, pixels)
+                candidates = _patches(model.config.vision_config) + (family.pruner_strategy == "full")
+                projected = torch.randn(views.shape[0], candidates, text_config.hidden_size,
+                                        generator=generator).to(device, DTYPE)
+                if method == "cdpruner":
+                    materialize(model.model.get_input_embeddings(), device)
+                step = pruner_step_on(model.model, model.config.compression, projected, instruction_ids(device))
             elif method == "visionzip":
                 tower, views = family.views(model, pixels)
                 index = resolve_feature_layer(model.config.vision_feature_layer, len(tower.encoder.layers))

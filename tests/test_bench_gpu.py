@@ -146,14 +146,14 @@ def test_a_spent_time_budget_skips_the_remaining_rows_and_still_writes_the_resul
 
 
 def test_method_steps_at_the_published_widths_stay_far_below_the_uncompressed_kv_cache(tmp_path):
-    """--real-shape-steps: VisionZip's and SparseVLM's own steps on 7B-width tensors (only the layer they use is
+    """--real-shape-steps: VisionZip's, SparseVLM's, CDPruner's and DivPrune's own steps on 7B-width tensors (only the layer they use is
     materialised) peak far below the KV cache the uncompressed prefill must hold: no N x N attention matrix."""
     import bench_gpu
 
     result = bench_gpu.main(["--device", "cpu", "--real-shape-steps", "--quick", "--families", "llava-1.5",
                              "--output", str(tmp_path / "steps.json")])
     checks = result["real_shape_step_check"]
-    assert [row["setting"] for row in checks] == ["visionzip 64", "sparsevlm 64"]
+    assert [row["setting"] for row in checks] == ["visionzip 64", "sparsevlm 64", "cdpruner 64", "divprune 64"]
     full_attention = 32 * 616 * 616 * 4  # one layer's fp32 attention probabilities over the 616-token prompt
     for row in checks:
         assert row["memory_never_worse"] and 0 < row["method_step_peak_bytes"] < full_attention, row
