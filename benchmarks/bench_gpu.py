@@ -6,9 +6,18 @@ benchmarks/configs/, which hold the published config.json shapes).
 
 Families (registry `FAMILIES`): LLaVA-1.5-7B (one 336-px image, 576 tokens), LLaVA-NeXT-7B (a 672x672 image: 2x2
 grid + base view, 2,928 tokens), Video-LLaVA-7B (8 frames, 2,056 tokens), MGM-7B-HD (2x2 crops + global view,
-2,880 tokens). Settings per family: uncompressed; VisionZip at the paper budgets (192/128/64; 5-view families
+2,880 tokens), LLaVA-OneVision-7B (Qwen2-7B, SigLIP-so400m 384/14 without CLS; a 1152x1152 image: 3x3 grid +
+base view, 7,371 tokens; VisionZip 128/64/32 per view = 1280/640/320, scored by the attention each patch
+receives), Qwen2.5-VL-7B with a 448x448 image (256 tokens) and with a 1008x1008 image (1,296 tokens; VisionZip
+retain 0.5/0.25/0.1 per image, scored by the attention received in the last block's segments; its FLOPs are
+benchmarks/bench_speed_qwen.py's tower + merger model), Qwen3-VL-8B with a 448x448 image (196 tokens; the same
+retain ratios, the keep mask applied to every DeepStack level too; no windows). Settings per family: uncompressed; VisionZip at the paper budgets (192/128/64; 5-view families
 640/320/160; video 17 per frame = 136); SparseVLM at the same visual-token budgets (video: the paper's 194 equal
-tokens); VoCo-LLaMA with K=1 (per frame for video) answering from its compressed cache. Each installed
+tokens); VoCo-LLaMA with K=1 (per frame for video) answering from its compressed cache; CDPruner (relevance
+"llm_embeddings": the random models have no CLIP relevance encoder; a fixed 35-token instruction passed as
+`relevance_input_ids`, the processor-free form) and DivPrune at VisionZip's budgets, K per view (scope "view";
+--tiny: the smallest budget only). A method a family's config refuses (ValueError) is a row with "skipped"
+(the reason), never measured. Each installed
 attention implementation (sdpa; flash_attention_2 when importable). Models are built directly on the device
 in bf16 (no fp32 copy on the host first), batch 1, a 40-token prompt.
 
@@ -25,19 +34,23 @@ Measured per row (CUDA events on GPU, perf_counter on CPU; median of --repeats a
   CPU: a torch dispatch-mode tracker of every tensor storage alive, which does not see kernel-internal scratch);
 - method_step_peak_bytes (and method_step_ms): the method's own step alone, on real-shape tensors: VisionZip's
   CLS row + selection + merge over all views at layer L-2, SparseVLM's first prune step (rater rows x visual
-  columns, scores, top-k, recycling), VoCo's stage 1 (voco_compress); the "memory never worse" check compares
+  columns, scores, top-k, recycling), VoCo's stage 1 (voco_compress), CDPruner's relevance + min-max + DPP greedy
+  MAP and DivPrune's selection on the projected candidates of every view (MGM's patch mining not included; the
+  DPP / DivPrune kernels are N x N per view, N = a view's candidates); the "memory never worse" check compares
   it with the uncompressed prefill peak at the same shape and is printed per family x method;
 - speedup: uncompressed TTFT / this TTFT (same family and attention implementation, same run);
 - flop_ideal_speedup: the ratio of prefill FLOPs (benchmarks/flops.py, the FLOP model of the CPU benchmarks) at
   the depth that ran (full depth at real shapes; VoCo: the question on K cached tokens, the image not rerun);
+  CDPruner / DivPrune: the same FLOP model as VisionZip at equal visual tokens, with the full tower and every
+  candidate projected (their selection's own FLOPs not counted);
   flop_ideal_speedup_real_shapes: the same at the published shapes and full depth (equal under real shapes).
 
 --real-shape-steps: the memory check at the published widths without a 7B model in memory (each method step on
 real-width tensors, only its layer materialised, against the uncompressed KV cache); on CPU it replaces the run.
 
 Any part that fails records "errors": {part: message} in its row; the run never stops for one setting.
---tiny: the same code path at tiny widths (token counts as real) in seconds, for the test suite (no timing
-meaning). --quick: sdpa only, the smallest budget per method, fewer repeats and tokens (about 2 minutes on one
+--tiny: the same code path at tiny widths (token counts as real, except OneVision's) in seconds, for the test
+suite (no timing meaning); the largest and the smallest budget of each method. --quick: sdpa only, the smallest budget per method, fewer repeats and tokens (about 2 minutes on one
 H200-class GPU); --time-budget-s skips the remaining rows (recorded as skipped) once spent.
 Writes the JSON (--output, default benchmarks/results/gpu.json; after every row the raw rows so far with
 "complete": false, so a run stopped from outside keeps what it measured) and a PNG plot next to it.
@@ -75,12 +88,28 @@ from slimvlm import (  # noqa: E402
     SlimLlavaForConditionalGeneration,
     SlimLlavaNextConfig,
     SlimLlavaNextForConditionalGeneration,
+    SlimLlavaOnevisionConfig,
+    SlimLlavaOnevisionForConditionalGeneration,
     SlimMiniGeminiConfig,
     SlimMiniGeminiForConditionalGeneration,
+    SlimQwen2_5_VLConfig,
+    SlimQwen2_5_VLForConditionalGeneration,
+    SlimQwen3VLConfig,
+    SlimQwen3VLForConditionalGeneration,
     SlimVideoLlavaConfig,
     SlimVideoLlavaForConditionalGeneration,
 )
-from slimvlm.configuration_slimvlm import SPARSEVLM_BUDGETS, SPARSEVLM_LAYERS, SPARSEVLM_REFERENCE_TOKENS, sparsevlm_setting  # noqa: E402
+from slimvlm.cdpruner import minmax_relevance  # noqa: E402
+from slimvlm.configuration_slimvlm import (  # noqa: E402
+    SPARSEVLM_BUDGETS,
+    SPARSEVLM_LAYERS,
+    SPARSEVLM_REFERENCE_TOKENS,
+    pruned_count,
+    sparsevlm_setting,
+    views_pruned_count,
+)
+from slimvlm.configuration_qwen_vl import qwen_token_count  # noqa: E402
+from slimvlm.modeling_qwen2_5_vl import vision_query_key  # noqa: E402
 from slimvlm.sparsevlm import (  # noqa: E402
     _rater_queries,
     apply_rope,
@@ -92,9 +121,19 @@ from slimvlm.sparsevlm import (  # noqa: E402
     sparsevlm_schedule,
     visual_scores,
 )
-from slimvlm.visionzip import cls_attention_and_keys, resolve_feature_layer, visionzip_select  # noqa: E402
+from slimvlm.visionzip import (  # noqa: E402
+    cls_attention_and_keys,
+    received_attention_and_keys,
+    resolve_feature_layer,
+    segmented_attention_received,
+    select_units,
+    unit_scores_and_keys,
+    visionzip_select,
+)
 
 CONFIGS = ROOT / "benchmarks" / "configs"
+METHODS = ("none", "visionzip", "sparsevlm", "voco", "cdpruner", "divprune")
+PRUNERS = ("cdpruner", "divprune")
 PROMPT_TOKENS = 40
 DTYPE = torch.bfloat16
 
@@ -144,6 +183,23 @@ class Family:
     # Per method, a replacement for the generic isolated step (run, ids, pixels) -> step(): e.g. a family whose
     # vision tower has no CLS row (Qwen, SigLIP) scores its VisionZip step differently.
     method_steps: dict = None
+    # CDPruner / DivPrune at the VisionZip budgets: pruner_tokens(total) -> K per view (per frame for video);
+    # relevance_key: the input CDPruner's instruction ids go under; pruner_strategy: the candidates of a view
+    # ("default" drops CLS, "full" keeps it, as the family's pruned path does).
+    pruner_tokens: Callable = lambda total: total
+    relevance_key: str = "relevance_input_ids"
+    pruner_strategy: str = "default"
+    # False: a tower without CLS (SigLIP): VisionZip's step scores by the attention each patch receives
+    # (visionzip.received_attention_and_keys, chunked attention_received) and d counts patches.
+    vision_cls: bool = True
+    # Qwen-style prompts: (start, end) token ids around each placeholder group (config -> ids), inputs the
+    # forward also needs (config, input_ids) -> dict (mm_token_type_ids), and the vision side's FLOPs
+    # (config, compression) -> float, replacing the ViT + projector model of `flop_layout`.
+    bracket: Callable | None = None
+    extra_inputs: Callable | None = None
+    vision_flops: Callable | None = None
+    # --tiny keeps the real token counts (then the real-shape FLOP ratio can be computed from a tiny row).
+    tiny_real_counts: bool = True
 
 
 def _patches(vision) -> int:
@@ -165,6 +221,154 @@ def _next_pixels(config, generator) -> dict:
 
 
 VIDEO_FRAMES = 8
+ONEVISION_GRID = 3  # a 3x3-grid image: base view + 9 crops of 729 SigLIP patches
+
+
+def _onevision_pixels(config, generator) -> dict:
+    side = config.vision_config.image_size  # the image is 3 x 3 views large: best fit the 3x3 pinpoint
+    views = 1 + ONEVISION_GRID**2
+    return {**_image_pixels(config, generator, views=views),
+            "image_sizes": torch.tensor([[ONEVISION_GRID * side, ONEVISION_GRID * side]])}
+
+
+def _onevision_layout(config, compression):
+    patches = _patches(config.vision_config)  # no CLS
+    views = 1 + ONEVISION_GRID**2
+    # Stock OneVision projects every view's 729 patches before unpadding; VisionZip projects what it keeps.
+    return views, patches, None if compression["method"] == "visionzip" else views * patches, 0.0
+
+
+QWEN_RETAIN = (0.5, 0.25, 0.1)  # VisionZip's retain ratios on Qwen-VL (dominant r - 0.05, contextual 0.05)
+
+
+def _qwen_grid(side: int, patch: int = 14) -> list[int]:
+    return [1, side // patch, side // patch]  # one temporal step of patches (14 px on Qwen2.5-VL, 16 on Qwen3-VL)
+
+
+def _qwen_visionzip_budgets(side: int, patch: int = 14) -> dict[int, float]:
+    """{visual tokens: retain ratio} of one `side`-px image, counted by the library (qwen_token_count)."""
+    counts = {}
+    for retain in QWEN_RETAIN:
+        compression = SlimQwen2_5_VLConfig(compression={"method": "visionzip", "retain_ratio": retain}).compression
+        counts[qwen_token_count(compression, _qwen_grid(side, patch), 2)] = retain
+    return counts
+
+
+def _qwen_pixels(side: int) -> Callable:
+    def pixels(config, generator) -> dict:
+        grid = _qwen_grid(side, config.vision_config.patch_size)
+        vision = config.vision_config
+        width = 3 * vision.temporal_patch_size * vision.patch_size**2
+        return {"pixel_values": torch.randn(grid[1] * grid[2], width, generator=generator),
+                "image_grid_thw": torch.tensor([grid])}
+
+    return pixels
+
+
+def _qwen_vision_flops(side: int) -> Callable:
+    def flops(config, compression) -> float:
+        from bench_speed_qwen import vision_flops  # the Qwen tower + merger (+ VisionZip's QK^T) of the CPU benchmark
+
+        return vision_flops(config, _qwen_grid(side), compression["method"] == "visionzip")
+
+    return flops
+
+
+def _qwen3_vision_flops(side: int) -> Callable:
+    """Qwen3-VL's tower (every block full attention over the image, a 2-matrix GELU MLP), its merger and one
+    DeepStack merger per level, and VisionZip's extra QK^T in the last block (bench_speed_qwen's model, no windows)."""
+    def flops(config, compression) -> float:
+        vision = config.vision_config
+        steps, gh, gw = _qwen_grid(side, vision.patch_size)
+        patches, width, ffn = steps * gh * gw, vision.hidden_size, vision.intermediate_size
+        block = 2 * patches * (4 * width * width + 2 * width * ffn) + 2 * 2 * patches * gh * gw * width
+        mergers = 1 + len(vision.deepstack_visual_indexes)
+        total = vision.depth * block + mergers * 2 * (patches // 4) * (4 * width * 4 * width + 4 * width * vision.out_hidden_size)
+        return total + (2 * patches * gh * gw * width if compression["method"] == "visionzip" else 0.0)
+
+    return flops
+
+
+def qwen_visionzip_step(run, ids, pixels) -> Callable:
+    """VisionZip's own step on one Qwen2.5-VL image: the last block's q/k after its 2-D RoPE (captured inputs of a
+    tower run), attention received within its segments (visionzip.segmented_attention_received, chunked), unit
+    scores and keys in raster order, selection and merge of the merged rows: the library's functions."""
+    inner = run.model.model
+    visual, grid = inner.visual, pixels["image_grid_thw"]
+    captured = {}
+
+    def capture(module, args, kwargs):
+        captured.update(hidden=args[0] if args else kwargs["hidden_states"], cu_seqlens=kwargs["cu_seqlens"],
+                        position_embeddings=kwargs["position_embeddings"])
+
+    handle = visual.blocks[-1].register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            output = visual(pixels["pixel_values"].type(visual.dtype), grid_thw=grid, return_dict=True)
+    finally:
+        handle.remove()
+    return qwen_visionzip_step_on(inner, visual.blocks[-1], captured["hidden"], captured["cu_seqlens"],
+                                  captured["position_embeddings"], output.pooler_output, grid,
+                                  list(getattr(output, "deepstack_features", None) or ()))
+
+
+def qwen_visionzip_step_on(inner, block, hidden, cu_seqlens, position_embeddings, merged, grid, deepstack=()) -> Callable:
+    """step() = VisionZip on one Qwen image from the scoring block's inputs and the merged rows [n, D] (Qwen3-VL:
+    the same keep mask and merge on every DeepStack level's rows too)."""
+    merge = inner.visual.spatial_merge_size**2
+    order = inner._unit_order(grid)
+    counts = inner._visionzip_counts(merged.shape[0])
+
+    def step():
+        query, key = vision_query_key(block, hidden, position_embeddings)
+        received = segmented_attention_received(query, key, cu_seqlens)
+        scores, keys = unit_scores_and_keys(received, key, order, merge)
+        selection = select_units(scores, keys, *counts)
+        return [selection.apply(rows) for rows in (merged, *deepstack)]
+
+    return step
+
+
+def _qwen_family(side: int) -> Family:
+    return Family(
+        name="qwen2.5-vl" if side == 448 else f"qwen2.5-vl-{side}",
+        title=f"Qwen2.5-VL-7B ({side}x{side} image)", config_file="qwen2.5-vl-7b.json",
+        model_class=SlimQwen2_5_VLForConditionalGeneration, config_class=SlimQwen2_5_VLConfig,
+        **_qwen_common(_qwen_visionzip_budgets(side), _qwen_vision_flops(side), side),
+        # --tiny: 32 wide, 2 blocks (windowed, then full attention as the real last block); 14-px patches, so the
+        # token counts are the real ones.
+        tiny={"vision_config": {"depth": 2, "hidden_size": 32, "num_heads": 4, "intermediate_size": 64,
+                                "fullatt_block_indexes": [1], "out_hidden_size": 32},
+              "text_config": {**TINY_TEXT, "rope_parameters": {"mrope_section": [2, 1, 1]}}},
+    )
+
+
+def _qwen3_family(side: int) -> Family:
+    return Family(
+        name="qwen3-vl", title=f"Qwen3-VL-8B ({side}x{side} image)", config_file="qwen3-vl-8b.json",
+        model_class=SlimQwen3VLForConditionalGeneration, config_class=SlimQwen3VLConfig,
+        **_qwen_common(_qwen_visionzip_budgets(side, 16), _qwen3_vision_flops(side), side),
+        # --tiny: 32 wide, 2 blocks, DeepStack after block 0; 16-px patches and the 48x48 position table kept.
+        tiny={"vision_config": {"depth": 2, "hidden_size": 32, "num_heads": 4, "intermediate_size": 64,
+                                "deepstack_visual_indexes": [0], "out_hidden_size": 32},
+              "text_config": {**TINY_TEXT, "head_dim": 8, "rope_parameters": {"mrope_section": [2, 1, 1]}}},
+    )
+
+
+def _qwen_common(budgets: dict[int, float], vision_flops: Callable, side: int) -> dict:
+    """The Family fields the Qwen-VL families share."""
+    totals = tuple(budgets)
+    return dict(
+        pixels=_qwen_pixels(side),
+        vision=lambda model, pixels: model.model.get_image_features(**pixels),
+        views=None, placeholder_id=lambda config: config.image_token_id,
+        visionzip=lambda total: {"method": "visionzip", "retain_ratio": budgets[total]},
+        visionzip_totals=totals, sparsevlm_totals=totals, pruner_tokens=lambda total: total,
+        flop_layout=None, vision_flops=vision_flops,
+        bracket=lambda config: (config.vision_start_token_id, config.vision_end_token_id),
+        extra_inputs=lambda config, ids: {"mm_token_type_ids": (ids == config.image_token_id).long()},
+        method_steps={"visionzip": qwen_visionzip_step},
+    )
 
 
 def _mgm_layout(config, compression):
@@ -204,7 +408,7 @@ FAMILIES: dict[str, Family] = {
             views=lambda model, pixels: (model.model.vision_tower, pixels["pixel_values"][0]),
             placeholder_id=lambda config: config.image_token_id,
             visionzip=lambda total: {"method": "visionzip", "tokens": total // 5},  # per view, 5 views
-            visionzip_totals=(640, 320, 160), sparsevlm_totals=(640, 320, 160),
+            visionzip_totals=(640, 320, 160), sparsevlm_totals=(640, 320, 160), pruner_tokens=lambda total: total // 5,
             # Stock NeXT projects all 5 x 576 patches before unpadding; VisionZip projects what it keeps.
             flop_layout=lambda config, compression: (
                 5, _patches(config.vision_config) + 1,
@@ -222,6 +426,8 @@ FAMILIES: dict[str, Family] = {
             visionzip=lambda total: {"method": "visionzip", "tokens": 64, "video_tokens": total // VIDEO_FRAMES},
             visionzip_split=lambda compression: (compression["video_dominant"], compression["video_contextual"]),
             visionzip_totals=(136,), sparsevlm_totals=(194,), groups=VIDEO_FRAMES,
+            pruner_tokens=lambda total: total // VIDEO_FRAMES, relevance_key="relevance_video_input_ids",
+            pruner_strategy="full",
             # The paper's 194-token Video-LLaVA setting (README): budgets 132/66/39 of 2,056 at layers 2/6/15.
             sparsevlm_settings=lambda num_layers, total, visual: {
                 "method": "sparsevlm", "version": "1.5", "layers": _sparsevlm_layers(num_layers),
@@ -240,9 +446,30 @@ FAMILIES: dict[str, Family] = {
             views=lambda model, pixels: (model.model.vision_tower, model.model.clip_views(pixels["pixel_values"])),
             placeholder_id=lambda config: config.image_token_id,
             visionzip=lambda total: {"method": "visionzip", "tokens": total // 5},  # per view, 5 views
-            visionzip_totals=(640, 320, 160), sparsevlm_totals=(640, 320, 160),
+            visionzip_totals=(640, 320, 160), sparsevlm_totals=(640, 320, 160), pruner_tokens=lambda total: total // 5,
             flop_layout=_mgm_layout, no_attention=("vision_config_aux",),
         ),
+        Family(
+            name="llava-onevision", title="LLaVA-OneVision-7B (3x3 grid)", config_file="llava-onevision-7b.json",
+            model_class=SlimLlavaOnevisionForConditionalGeneration, config_class=SlimLlavaOnevisionConfig,
+            # --tiny: 14x14-patch views, 2,002 tokens (the real 10 x 27x27 = 7,371 would take ~25 s of the suite's
+            # CPU), so its flop_ideal_speedup_real_shapes is left None (tiny_real_counts=False).
+            tiny={"vision_config": {**TINY_TOWER, "image_size": 28, "patch_size": 2}, "text_config": TINY_TEXT,
+                  "image_grid_pinpoints": [[28 * i, 28 * j] for i in range(1, 4) for j in range(1, 4)]},
+            tiny_real_counts=False,
+            pixels=_onevision_pixels,
+            vision=lambda model, pixels: model.model.get_image_features(**pixels),
+            views=lambda model, pixels: (model.model.vision_tower, pixels["pixel_values"][0]),
+            placeholder_id=lambda config: config.image_token_id,
+            # K per view (10 views), as NeXT's 128/64/32 per view.
+            visionzip=lambda total: {"method": "visionzip", "tokens": total // (1 + ONEVISION_GRID**2)},
+            visionzip_totals=(1280, 640, 320), sparsevlm_totals=(1280, 640, 320),
+            pruner_tokens=lambda total: total // (1 + ONEVISION_GRID**2),
+            flop_layout=_onevision_layout, vision_cls=False,
+        ),
+        _qwen_family(448),
+        _qwen_family(1008),
+        _qwen3_family(448),
     )
 }
 
@@ -266,15 +493,26 @@ def sparsevlm_for(num_layers: int, total: int, visual: int) -> dict:
     return {"method": "sparsevlm", "version": "1.5", "layers": layers, "budget_fractions": fractions}
 
 
-def settings(family: Family, num_layers: int, visual: int, quick: bool) -> list[tuple[str, int | None, dict]]:
+def settings(family: Family, num_layers: int, visual: int, quick: bool, tiny: bool = False
+             ) -> list[tuple[str, int | None, dict]]:
     """(method, budget in visual tokens per sample, compression) rows, the uncompressed one first."""
-    vz = family.visionzip_totals[-1:] if quick else family.visionzip_totals
-    sv = family.sparsevlm_totals[-1:] if quick else family.sparsevlm_totals
+    def chosen(totals):  # --quick: the smallest budget; --tiny: the largest and the smallest (a smoke test)
+        return totals[-1:] if quick else totals[:: max(1, len(totals) - 1)] if tiny else totals
+
+    vz, sv = chosen(family.visionzip_totals), chosen(family.sparsevlm_totals)
     make_sparsevlm = family.sparsevlm_settings or sparsevlm_for
     rows = [("none", visual, {"method": "none"})]
     rows += [("visionzip", total, family.visionzip(total)) for total in vz]
     rows += [("sparsevlm", total, make_sparsevlm(num_layers, total, visual)) for total in sv]
     rows += [("voco", 1, {"method": "voco", "num_voco_tokens": 1})]
+    # CDPruner (instruction relevance from the LLM's embeddings: the random models have no CLIP relevance encoder)
+    # and DivPrune at VisionZip's budgets; --tiny: the smallest budget only (a smoke test of the path).
+    pruners = vz[-1:] if tiny else vz
+    # Scope "view" (K per view / frame, as VisionZip's layout) for both, so each keeps the budget exactly.
+    rows += [("cdpruner", total, {"method": "cdpruner", "tokens": family.pruner_tokens(total), "scope": "view",
+                                  "relevance": "llm_embeddings"}) for total in pruners]
+    rows += [("divprune", total, {"method": "divprune", "tokens": family.pruner_tokens(total), "scope": "view"})
+             for total in pruners]
     return rows
 
 
@@ -287,15 +525,18 @@ def _merge(base: dict, overrides: dict) -> dict:
     return out
 
 
-def family_config(family: Family, tiny: bool):
+def family_config(family: Family, tiny: bool, geometry_only: bool = False):
+    """(config, hub id); tiny: with the family's --tiny overrides (geometry_only: only the tiny widths, the
+    published image geometry, hence the real token counts)."""
     spec = json.loads((CONFIGS / family.config_file).read_text())
-    values = _merge(spec["config"], family.tiny) if tiny else spec["config"]
+    overrides = {"vision_config": TINY_TOWER, "text_config": TINY_TEXT} if geometry_only else family.tiny
+    values = _merge(spec["config"], overrides) if tiny else spec["config"]
     return family.config_class(**values), spec["hub_id"]
 
 
-def build_model(family: Family, device: str, tiny: bool, attn: str):
+def build_model(family: Family, device: str, tiny: bool, attn: str, geometry_only: bool = False):
     """Random weights, built on `device` directly in bf16 (no fp32 copy on the host first)."""
-    config, _ = family_config(family, tiny)
+    config, _ = family_config(family, tiny, geometry_only)
     torch.manual_seed(0)
     # Every attention-using sub-config gets `attn`; the others (MGM's ConvNeXt) keep their default.
     implementation = {"": attn, **{key: attn for key in config.sub_configs if key not in family.no_attention}}
@@ -418,11 +659,20 @@ def visual_count(features) -> int:
     return sum(item.shape[0] for item in pooled)
 
 
+INSTRUCTION_TOKENS = PROMPT_TOKENS - 5  # the question after the image
+
+
+def instruction_ids(device: str) -> torch.Tensor:
+    """[1, T] LLM-vocabulary ids of CDPruner's instruction (random, fixed seed, as long as the question)."""
+    return torch.randint(3, 32000, (1, INSTRUCTION_TOKENS), generator=torch.Generator().manual_seed(1)).to(device)
+
+
 def prompt_ids(family: Family, config, visual: int, voco: int, generator) -> tuple[torch.Tensor, int]:
     """[text[:5]; per group: its placeholders (+ `voco` <voco>); text[5:]] and the end of the last VoCo group."""
     text = torch.randint(3, 32000, (PROMPT_TOKENS,), generator=generator)
     per_group = visual // family.groups
-    group = [family.placeholder_id(config)] * per_group + [config.voco_token_id] * voco
+    start, end = ([], []) if family.bracket is None else ([family.bracket(config)[0]], [family.bracket(config)[1]])
+    group = start + [family.placeholder_id(config)] * per_group + end + [config.voco_token_id] * voco
     ids = torch.cat([text[:5], torch.tensor(group * family.groups), text[5:]]).unsqueeze(0)
     return ids, 5 + len(group) * family.groups
 
@@ -498,14 +748,18 @@ def visionzip_step(run: Run, pixels: dict) -> Callable:
     with torch.inference_mode():
         hidden = tower(views, output_hidden_states=True).hidden_states
     return visionzip_step_on(tower.encoder.layers[layer], hidden[layer], hidden[layer + 1],
-                             *family.visionzip_split(model.config.compression))
+                             *family.visionzip_split(model.config.compression), cls=family.vision_cls)
 
 
-def visionzip_step_on(layer, layer_input: torch.Tensor, layer_output: torch.Tensor, dominant: int, contextual: int):
-    """step() = VisionZip on views [V, N, C]: `layer`'s CLS row and keys from its input, selection and merge."""
+def visionzip_step_on(layer, layer_input: torch.Tensor, layer_output: torch.Tensor, dominant: int, contextual: int,
+                      cls: bool = True):
+    """step() = VisionZip on views [V, N, C]: `layer`'s CLS row and keys from its input (cls False: the attention
+    every patch receives, never an N x N map at once), selection and merge."""
+    score = cls_attention_and_keys if cls else received_attention_and_keys
+
     def step():
-        scores, keys = cls_attention_and_keys(layer, layer_input)
-        return visionzip_select(layer_output, scores, keys, dominant, contextual).tokens
+        scores, keys = score(layer, layer_input)
+        return visionzip_select(layer_output, scores, keys, dominant, contextual, cls=cls).tokens
 
     return step
 
@@ -551,6 +805,39 @@ def sparsevlm_step_on(layer, rotary_emb, hidden: torch.Tensor, v0: int, v: int, 
     return step
 
 
+def pruner_step(run: Run, ids: torch.Tensor, pixels: dict) -> Callable:
+    """CDPruner's / DivPrune's own step over one sample's views, on the projected candidates the pruned path
+    makes anyway (tower at the feature layer, projector): CDPruner's relevance to the instruction (the LLM's
+    embeddings), its min-max over the image and the DPP greedy MAP; DivPrune's max-min diversity selection.
+    Mini-Gemini's patch mining (part of every method's vision side) is not in the step."""
+    model, family = run.model, run.family
+    inner, compression = model.model, model.config.compression
+    tower, views = family.views(model, pixels)
+    layer = model.config.vision_feature_layer
+    with torch.inference_mode():
+        hidden = tower(views, output_hidden_states=True).hidden_states
+        hidden = torch.cat([hidden[index] for index in (layer if isinstance(layer, (list, tuple)) else [layer])], dim=-1)
+        projected = inner.multi_modal_projector(hidden[:, 1:] if family.pruner_strategy == "default" else hidden)
+    return pruner_step_on(inner, compression, projected, pixels.get(family.relevance_key))
+
+
+def pruner_step_on(inner, compression: dict, projected: torch.Tensor, relevance_ids) -> Callable:
+    """step() = CDPruner / DivPrune over one sample's projected candidates [V, N, D] (all views one image)."""
+    group = [list(range(projected.shape[0]))]
+
+    def step():
+        weights = None
+        if compression["method"] == "cdpruner":
+            rho = inner._relevance(projected, None, None, group, relevance_ids, None)
+            weights = minmax_relevance(rho, compression["theta"])
+        if compression["scope"] == "view":
+            return inner._select(projected, weights, pruned_count(compression, projected.shape[1]))
+        count = views_pruned_count(compression, projected.shape[1], projected.shape[0])
+        return inner._select(projected.flatten(0, 1)[None], None if weights is None else weights.flatten()[None], count)
+
+    return step
+
+
 def materialize(module: torch.nn.Module, device: str) -> torch.nn.Module:
     """Give a meta-device module real random bf16 storage on `device` (norm weights 1, biases 0)."""
     module.to_empty(device=device)
@@ -568,11 +855,13 @@ def materialize(module: torch.nn.Module, device: str) -> torch.nn.Module:
 def real_shape_step_check(family: Family, device: str, quick: bool) -> list[dict]:
     """The "memory never worse" check at the published shapes without a 7B model in memory: each method step is
     measured on real-width tensors, with only the layer it uses materialised (the rest of the model stays on the
-    meta device), against the KV cache the uncompressed prefill must hold (32 layers of K and V for every prompt
-    token), a lower bound of that prefill's peak. VoCo's step is the uncompressed prefill of the image prefix
+    meta device; CDPruner / DivPrune: random projected candidates at the LLM's width, CDPruner with the embedding
+    table), against the KV cache the uncompressed prefill must hold (every layer's K and V for every prompt
+    token), a lower bound of that prefill's peak. A method the family refuses is a row with "skipped". VoCo's step is the uncompressed prefill of the image prefix
     itself (no step of its own to compare), so it is left to the full runs."""
     config, _ = family_config(family, tiny=False)
-    tiny_model = build_model(family, "cpu", True, "sdpa")  # --tiny keeps the real token counts
+    # A 32-wide model with the real geometry counts the real visual tokens (--tiny keeps them for most families).
+    tiny_model = build_model(family, "cpu", True, "sdpa", geometry_only=not family.tiny_real_counts)
     tiny_pixels = family.pixels(tiny_model.config, torch.Generator().manual_seed(0))
     with torch.device("meta"):
         model = family.model_class._from_config(config, dtype=DTYPE)
@@ -586,19 +875,46 @@ def real_shape_step_check(family: Family, device: str, quick: bool) -> list[dict
     kv_bytes = text_config.num_hidden_layers * 2 * text_config.num_key_value_heads * head_dim * tokens * 2
     rows = []
     for method, budget, compression in settings(family, text_config.num_hidden_layers, visual, quick):
-        if method not in ("visionzip", "sparsevlm"):
+        if method not in ("visionzip", "sparsevlm") + PRUNERS:
             continue
-        model.config.compression = compression  # normalised on assignment
         row = {"family": family.name, "setting": f"{method} {budget}", "method": method, "shapes": "real widths",
                "uncompressed_kv_cache_bytes": kv_bytes}
         try:
-            if method == "visionzip":
+            model.config.compression = compression  # normalised on assignment
+        except ValueError as error:  # a method this family refuses
+            row["skipped"] = f"unsupported by this family: {error_text(error)}"
+            rows.append(row)
+            continue
+        try:
+            if method == "visionzip" and family.views is None:  # Qwen: the last block (full attention) at real width
+                tower, grid = model.model.visual, pixels["image_grid_thw"]
+                block = materialize(tower.blocks[-1], device)
+                patches, width = int(grid.prod()), model.config.vision_config.hidden_size
+                head_dim = width // model.config.vision_config.num_heads
+                hidden = torch.randn(patches, width, generator=generator).to(device, DTYPE)
+                angles = torch.rand(patches, head_dim, generator=generator).to(device)
+                merged = torch.randn(patches // 4, model.config.vision_config.out_hidden_size, generator=generator).to(device, DTYPE)
+                levels = len(getattr(model.config.vision_config, "deepstack_visual_indexes", None) or ())
+                step = qwen_visionzip_step_on(model.model, block, hidden, torch.tensor([0, patches]),
+                                              (angles.cos(), angles.sin()), merged, grid,
+                                              [torch.randn_like(merged) for _ in range(levels)])
+            elif method in PRUNERS:  # the projected candidates of every view at the LLM's width, its embedding table
+                _, views = family.views(model, pixels)
+                candidates = _patches(model.config.vision_config) + (family.pruner_strategy == "full")
+                projected = torch.randn(views.shape[0], candidates, text_config.hidden_size,
+                                        generator=generator).to(device, DTYPE)
+                if method == "cdpruner":
+                    materialize(model.model.get_input_embeddings(), device)
+                step = pruner_step_on(model.model, model.config.compression, projected, instruction_ids(device))
+            elif method == "visionzip":
                 tower, views = family.views(model, pixels)
                 index = resolve_feature_layer(model.config.vision_feature_layer, len(tower.encoder.layers))
                 layer = materialize(tower.encoder.layers[index], device)
-                shape = (views.shape[0], _patches(model.config.vision_config) + 1, model.config.vision_config.hidden_size)
+                shape = (views.shape[0], _patches(model.config.vision_config) + int(family.vision_cls),
+                         model.config.vision_config.hidden_size)
                 layer_input, layer_output = (torch.randn(*shape, generator=generator).to(device, DTYPE) for _ in range(2))
-                step = visionzip_step_on(layer, layer_input, layer_output, *family.visionzip_split(model.config.compression))
+                step = visionzip_step_on(layer, layer_input, layer_output, *family.visionzip_split(model.config.compression),
+                                         cls=family.vision_cls)
             else:
                 language_model = model.model.language_model
                 layer = materialize(language_model.layers[model.config.compression["layers"][0]], device)
@@ -624,9 +940,15 @@ def flops_of(config, family: Family, compression: dict, visual: int, text: int, 
     """Prefill FLOPs (benchmarks/flops.py) of one setting: `lengths` per decoder layer (SparseVLM), else all
     layers over `visual + text` tokens."""
     vision, text_config = config.vision_config, config.text_config
-    views, tokens_per_view, projected, extra = family.flop_layout(config, compression)
-    tower_layers = vision.num_hidden_layers - (1 if compression["method"] == "visionzip" else 0)
     lengths = lengths or [visual + text] * text_config.num_hidden_layers
+    if family.vision_flops is not None:
+        return family.vision_flops(config, compression) + sum(llm_layer_flops(text_config, n) for n in lengths)
+    views, tokens_per_view, projected, extra = family.flop_layout(config, compression)
+    # VisionZip's tower stops at its scoring layer (L-2 on CLIP: L-1 layers; OneVision's -1: all of them).
+    tower_layers = (resolve_feature_layer(config.vision_feature_layer, vision.num_hidden_layers) + 1
+                    if compression["method"] == "visionzip" else vision.num_hidden_layers)
+    if compression["method"] in PRUNERS and projected is None:
+        projected = views * tokens_per_view  # every candidate is projected, then K of them kept
     return prefill_flops(vision, text_config, views=views, tokens_per_view=tokens_per_view, tower_layers=tower_layers,
                          projected=visual if projected is None else projected, lengths=lengths, extra=extra)
 
@@ -660,16 +982,25 @@ def measure_setting(run: Run, method: str, budget: int | None, compression: dict
     model, family, device = run.model, run.family, run.device
     row = {"family": family.name, "method": method, "setting": f"{method} {budget}" if method != "none" else "uncompressed",
            "budget": budget, "attn_implementation": run.attn, "dtype": "bfloat16"}
-    model.set_compression(compression)
+    try:
+        model.set_compression(compression)
+    except ValueError as error:  # a method this family refuses (its config says so): skipped, not a failure
+        row.update(skipped=f"unsupported by this family: {error_text(error)}", prefill_flops=None)
+        return row
     row["compression"] = model.config.compression
     generator = torch.Generator().manual_seed(0)
     pixels = on_device(family.pixels(model.config, generator), device)
+    if method == "cdpruner":
+        # The instruction CDPruner ranks against: LLM-vocabulary ids, one row per image (the processor-free form
+        # of what the Slim processor writes; relevance "llm_embeddings" embeds them with the LLM's table).
+        pixels[family.relevance_key] = instruction_ids(device)
     with torch.inference_mode():
         visual = visual_count(family.vision(model, pixels))
     voco = method == "voco"
     ids, prefix_end = prompt_ids(family, model.config, visual, 1 if voco else 0, generator)
     ids = ids.to(device)
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), **pixels}
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), **pixels,
+              **(family.extra_inputs(model.config, ids) if family.extra_inputs else {})}
     text = ids.shape[1] - visual
     row.update(visual_tokens=visual, text_tokens=text)
 
@@ -686,7 +1017,7 @@ def measure_setting(run: Run, method: str, budget: int | None, compression: dict
                 torch.cuda.empty_cache()
 
     if voco:
-        prefix = {key: value[:, :prefix_end] if key in ("input_ids", "attention_mask") else value
+        prefix = {key: value[:, :prefix_end] if key in ("input_ids", "attention_mask", "mm_token_type_ids") else value
                   for key, value in inputs.items()}
         question = ids[:, prefix_end:]
         cache = {}
@@ -730,9 +1061,10 @@ def measure_setting(run: Run, method: str, budget: int | None, compression: dict
         row["prefill_flops"] = flops_of(model.config, family, model.config.compression, visual, text, lengths)
     part("decode", lambda: measure_decoding(run, row, generate))
 
-    if method in ("visionzip", "sparsevlm"):
+    if method in ("visionzip", "sparsevlm") + PRUNERS:
         def step_part():
-            generic = {"visionzip": lambda run, ids, pixels: visionzip_step(run, pixels), "sparsevlm": sparsevlm_step}
+            generic = {"visionzip": lambda run, ids, pixels: visionzip_step(run, pixels), "sparsevlm": sparsevlm_step,
+                       "cdpruner": pruner_step, "divprune": pruner_step}
             step = {**generic, **(family.method_steps or {})}[method](run, ids, pixels)
             row["method_step_ms"], _ = run.clock(step, run.repeats)
             row["method_step_peak_bytes"], _ = peak_bytes(step, device)
@@ -758,8 +1090,11 @@ def finish_rows(rows: list[dict]) -> None:
         # under --tiny it is what the GPU run will be compared against).
         try:
             family = FAMILIES[row["family"]]
+            shrunk = row.get("shapes") == "tiny" and not family.tiny_real_counts
+            if shrunk:
+                row["real_shapes_note"] = "--tiny shrinks this family's token counts: no real-shape ratio from its rows"
             ideal, equal_tokens = (real_shape_flops(family, row, dense["visual_tokens"])
-                                   if ok and row.get("prefill_flops") else (None, None))
+                                   if ok and row.get("prefill_flops") and not shrunk else (None, None))
             dense_ideal = real_shape_flops(family, dense, dense["visual_tokens"])[0] if ideal else None
             row["flop_ideal_speedup_real_shapes"] = dense_ideal / ideal if ideal else None
             if equal_tokens is not None:
@@ -796,14 +1131,15 @@ def run_family(family: Family, args, attn: str, deadline: float, save: Callable 
         print(f"  could not build: {error_text(error)}", flush=True)
         return [{"family": family.name, "method": method, "budget": None, "attn_implementation": attn,
                  "setting": method, "errors": {"build": error_text(error)}}
-                for method in ("none", "visionzip", "sparsevlm", "voco")]
+                for method in METHODS]
     # One static-cache length per family, so compiled decoding is not re-traced per setting.
     run = Run(family, model, device, attn, args.repeats, args.new_tokens,
               max_cache_len=full_visual + PROMPT_TOKENS + family.groups + args.new_tokens + 8,
               clock=Clock(device, warmup=0 if args.tiny else 1),  # --tiny: no timing meaning, no warm-up
               cpu_compile=args.cpu_compile)
     rows = []
-    for method, budget, compression in settings(family, model.config.text_config.num_hidden_layers, full_visual, args.quick):
+    for method, budget, compression in settings(family, model.config.text_config.num_hidden_layers, full_visual, args.quick,
+                                                args.tiny):
         if time.perf_counter() > deadline:
             rows.append({"family": family.name, "method": method, "budget": budget, "attn_implementation": attn,
                          "setting": f"{method} {budget}", "skipped": "time budget spent", "prefill_flops": None})
@@ -857,7 +1193,8 @@ def print_summary(rows: list[dict], tiny: bool) -> None:
             value = row.get(key)
             return f"{value / 2**20:.2f} MiB" if value is not None else "-"
 
-        check = {True: "OK (never worse)", False: "WORSE", None: "n/a"}[row.get("memory_never_worse")]
+        check = ("skipped: " + row["skipped"][:60] if row.get("skipped")
+                 else {True: "OK (never worse)", False: "WORSE", None: "n/a"}[row.get("memory_never_worse")])
         print(f"  {row['family']:>11} {row['attn_implementation']:>17} {row['setting']:>16} {num('speedup', '.2f'):>8} "
               f"{num('flop_ideal_speedup', '.2f'):>7} {num('share_of_ideal', '.0%'):>6} "
               f"{num('flop_ideal_speedup_real_shapes', '.2f'):>9}  {mib('method_step_peak_bytes'):>11} "
@@ -874,7 +1211,8 @@ def plot(rows: list[dict], path: Path, device_name: str) -> None:
     fig, axes = plt.subplots(1, len(families), figsize=(4.5 * len(families), 4), squeeze=False)
     for ax, name in zip(axes[0], families):
         attn = next(row["attn_implementation"] for row in rows if row["family"] == name)
-        chosen = [row for row in rows if row["family"] == name and row["attn_implementation"] == attn and row["method"] != "none"]
+        chosen = [row for row in rows if row["family"] == name and row["attn_implementation"] == attn
+                  and row["method"] != "none" and not row.get("skipped")]
         labels = [row["setting"] for row in chosen]
         xs = range(len(chosen))
         nan = float("nan")  # a missing value draws no bar
