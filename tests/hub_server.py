@@ -14,6 +14,7 @@ Spoken (model repos only):
     GET  /api/models/{repo}[/revision/{rev}]             repo info (sha, siblings)
     GET  /api/models/{repo}/tree/{rev}[/{path}]          file listing
     HEAD/GET /{repo}/resolve/{rev}/{path}                file metadata (X-Repo-Commit, ETag, Content-Length), body
+    HEAD /                                               200 (the CLI's "is the Hub reachable" probe)
 
 Errors carry the Hub's X-Error-Code (RepoNotFound, RevisionNotFound, EntryNotFound) so the client raises the
 same exceptions as against the real Hub. Anything else is answered 404 and recorded in `unhandled`.
@@ -110,6 +111,8 @@ class LoopbackHub:
     def handle(self, method: str, path: str, query: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
         """(status, headers, body) for one request; called under `self.lock`."""
         parts = [unquote(part) for part in path.strip("/").split("/")]
+        if method == "HEAD" and parts == [""]:  # the CLI's reachability probe (`slimvlm.cli.hub_unreachable`)
+            return 200, {}, b""
         if method == "GET" and parts == ["api", "agent-harnesses"]:  # the client's agent detection: none here
             return self._json({"standardEnvVars": [], "harnesses": {}})
         if method == "POST" and parts == ["api", "repos", "create"]:
