@@ -250,12 +250,15 @@ class QwenVisionZipMixin:
 
     def _forward_visionzip(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
                            pixel_values=None, pixel_values_videos=None, image_grid_thw=None, video_grid_thw=None,
-                           mm_token_type_ids=None, second_per_grid_ts=None, mm_encoder_outputs=None, **kwargs):
+                           mm_token_type_ids=None, second_per_grid_ts=None, mm_encoder_outputs=None,
+                           padding_mask=None, **kwargs):
         """The stock forward on compressed features, with the kept tokens' positions recomputed at prefill.
 
         Every forward that consumes vision features recomputes rows 1-3 of the M-RoPE positions from the kept
         indices (generate() builds them before it encodes the images), keeps a supplied text row 0, and sets
-        `rope_deltas`; decoding steps (no vision input) run as stock.
+        `rope_deltas`; decoding steps (no vision input) run as stock. The positions need the [B, L] padding mask:
+        `attention_mask` when it is one, else `padding_mask` (generate() with a static cache builds the 4-D masks
+        before the forward; `prepare_inputs_for_generation` then passes the 2-D one as `padding_mask`).
         """
         if (pixel_values is not None or pixel_values_videos is not None) and mm_encoder_outputs is not None:
             raise ValueError("You cannot specify both pixel_values/pixel_values_videos and mm_encoder_outputs at the same time")
@@ -286,7 +289,8 @@ class QwenVisionZipMixin:
             grids = {name: output.visionzip_grids for name, output in media.items()}
             rows, deltas = self._compressed_rope_index(
                 input_ids, mm_token_type_ids, grids.get("image"), grids.get("video"), second_per_grid_ts,
-                attention_mask, {name: output.visionzip_keep for name, output in media.items()})
+                self._padding_mask(attention_mask, padding_mask, input_ids),
+                {name: output.visionzip_keep for name, output in media.items()})
             if position_ids is not None and position_ids.ndim == 3 and position_ids.shape[0] == 4:
                 rows = torch.cat([position_ids[:1], rows.to(position_ids.device)], dim=0)
             position_ids = rows
@@ -296,6 +300,24 @@ class QwenVisionZipMixin:
         return self._stock_forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                    cache=cache, image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw,
                                    mm_token_type_ids=mm_token_type_ids, mm_encoder_outputs=encoded or None, **kwargs)
+
+    @staticmethod
+    def _padding_mask(attention_mask, padding_mask, input_ids):
+        """The [B, L] padding mask of a prefill: `attention_mask` if it is one, else `padding_mask`; None = no padding."""
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+            return attention_mask
+        if padding_mask is not None:
+            if padding_mask.shape != input_ids.shape:
+                raise ValueError(f"padding_mask must be [batch, length] = {list(input_ids.shape)} like input_ids; got "
+                                 f"{list(padding_mask.shape)}")
+            return padding_mask
+        if attention_mask is None:
+            return None
+        raise ValueError(
+            "VisionZip on Qwen-VL recomputes the kept tokens' M-RoPE positions from the [batch, length] padding mask; "
+            f"got attention_mask as {type(attention_mask).__name__}"
+            f"{' of shape ' + str(list(attention_mask.shape)) if isinstance(attention_mask, torch.Tensor) else ''}: "
+            "pass the 2-D mask as padding_mask= as well")
 
     def _qwen_merged_embeddings(self, input_ids, inputs_embeds, pixel_values, pixel_values_videos, image_grid_thw,
                                 video_grid_thw, mm_encoder_outputs, **kwargs):
@@ -450,6 +472,21 @@ class QwenGenerationMixin:
         if kwargs.get("voco_cache") is not None:
             self.model.rope_deltas = None  # stage 2 continues from the cache's positions, never stage 1's δ (§6.2)
         return super().generate(*args, **kwargs)
+
+    def prepare_inputs_for_generation(self, input_ids, *args, attention_mask=None, **kwargs):
+        """The shared inputs; under VisionZip a prefill whose mask generate() turned into 4-D masks (a static
+        cache) also gets the 2-D padding mask as `padding_mask`, from which the kept tokens' positions are computed."""
+        model_inputs = super().prepare_inputs_for_generation(input_ids, *args, attention_mask=attention_mask, **kwargs)
+        step_mask = model_inputs.get("attention_mask")
+        step_ids = model_inputs.get("input_ids")
+        if (
+            self.config.compression["method"] == "visionzip"
+            and isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2
+            and not (isinstance(step_mask, torch.Tensor) and step_mask.dim() == 2)
+            and step_ids is not None and step_ids.shape == attention_mask.shape
+        ):
+            model_inputs["padding_mask"] = attention_mask
+        return model_inputs
 
     def _expand_multimodal_outputs(self, input_ids, mm_encoder_output, expand_size=1, inputs_embeds=None):
         """The stock expansion (beam search, num_return_sequences) of the pre-encoded features, plus our

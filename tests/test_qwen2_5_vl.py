@@ -269,6 +269,23 @@ def test_generate_with_cache_equals_cache_free_loop(models, tokenizer):
     assert torch.equal(generated, cache_free_greedy(slim, inputs, 32))
 
 
+def test_static_cache_generate_equals_the_dynamic_cache_and_the_cache_free_loop(models, tokenizer):
+    """generate() with a static cache hands the forward 4-D masks instead of the [B, L] padding mask; the kept tokens'
+    positions then come from the 2-D mask passed as `padding_mask` (this failed with KeyError: 0 before)."""
+    _, slim = models
+    slim.set_compression(visionzip())
+    images = [random_image(56, 84, 7), random_image(84, 56, 8)]
+    inputs = batch_inputs(tokenizer, visionzip(), images, [prompt(), prompt(before="w9 w8 w7 w6 w5")])
+    static = slim.generate(**inputs, max_new_tokens=16, min_new_tokens=16, do_sample=False,
+                           cache_implementation="static")
+    dynamic = slim.generate(**inputs, max_new_tokens=16, min_new_tokens=16, do_sample=False)
+    assert torch.equal(static, dynamic)
+    assert torch.equal(static, cache_free_greedy(slim, inputs, 16))
+    four_d = torch.ones(2, 1, inputs["input_ids"].shape[1], inputs["input_ids"].shape[1], dtype=torch.bool)
+    with pytest.raises(ValueError, match="padding_mask"):
+        slim(**{**inputs, "attention_mask": four_d})
+
+
 def test_consecutive_generate_calls_leave_no_stale_rope_deltas(models, tokenizer):
     _, slim = models
     slim.set_compression(visionzip())

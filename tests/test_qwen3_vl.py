@@ -120,6 +120,9 @@ def test_generate_equals_cache_free_loop_and_batch_equals_alone(models, tokenize
         ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
     assert torch.equal(generated, ids)
+    static = slim.generate(**inputs, max_new_tokens=16, min_new_tokens=16, do_sample=False,
+                           cache_implementation="static")
+    assert torch.equal(static, ids)
     with torch.no_grad():
         together = slim(**inputs).logits
         for b in range(2):
